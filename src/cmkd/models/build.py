@@ -1,0 +1,107 @@
+"""`build_student(settings)` and `build_teacher(settings)`: settings in, ready models out (lingua style).
+
+Parts not passed in are loaded from the embedded default or a local path (`cmkd.models.loading`, `cmkd.assets`);
+tests pass tiny in-memory models instead. A passed-in LM (or encoder) that the student will train is deep-copied
+first, so the caller's object (often also the teacher's) is never changed; see `cmkd.models.teacher` on isolation.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from cmkd.errors import UserError
+from cmkd.models.composable import ComposableSpeechLM, prepare_lm
+from cmkd.models.encoder import WhisperSpeechEncoder, load_whisper_encoder
+from cmkd.models.projector import build_projector
+from cmkd.models.teacher import TORCH_DTYPES, TextTeacher
+from cmkd.stage_configs import DType, LMMode, StudentKind, StudentSettings, TeacherSettings
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+IN_MEMORY = "<in-memory>"
+"""Source recorded for a part passed in as an object (a checkpoint then names it by its config path if known)."""
+
+
+def _source_of(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or IN_MEMORY)
+
+
+def build_student(
+    settings: StudentSettings,
+    *,
+    lm: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    encoder: WhisperSpeechEncoder | nn.Module | None = None,
+    trust_remote_code: bool = False,
+) -> ComposableSpeechLM:
+    """The student `settings` describe; `lm`+`tokenizer` and `encoder` replace loading those parts.
+
+    `trust_remote_code` (run.trust_remote_code) is passed to the LM loader only; it runs code shipped with a model."""
+    kind = StudentKind(settings.kind)
+    if kind is not StudentKind.COMPOSABLE:
+        raise UserError(
+            f"student.kind: '{kind.value}' students are not available yet; use student.kind=composable"
+        )
+    if (lm is None) != (tokenizer is None):
+        raise ValueError("build_student: pass lm and tokenizer together, or neither")
+
+    mode = LMMode(settings.lm_mode)
+    if lm is None or tokenizer is None:
+        from cmkd.models.loading import load_causal_lm
+
+        lm, tokenizer = load_causal_lm(settings.lm, trust_remote_code=trust_remote_code)
+        lm_source = settings.lm
+    else:
+        lm_source = _source_of(lm)
+        if mode is not LMMode.FROZEN:
+            lm = copy.deepcopy(lm)  # the student trains its own weights, never the caller's object
+
+    if encoder is None:
+        speech_encoder = load_whisper_encoder(settings.encoder)
+        encoder_source = settings.encoder
+    else:
+        if settings.encoder_trainable:
+            encoder = copy.deepcopy(encoder)  # as for the LM: train a copy, never the caller's object
+        speech_encoder = (
+            encoder if isinstance(encoder, WhisperSpeechEncoder) else WhisperSpeechEncoder.from_model(encoder)
+        )
+        encoder_source = _source_of(speech_encoder.whisper)
+    speech_encoder.set_trainable(settings.encoder_trainable)
+
+    lm_dim = lm.get_input_embeddings().embedding_dim
+    projector = build_projector(settings.projector, speech_encoder.hidden_size, lm_dim)
+    student = ComposableSpeechLM(
+        speech_encoder,
+        projector.to(lm.get_input_embeddings().weight.device),
+        prepare_lm(lm, mode, settings.lora),
+        tokenizer,
+        settings=settings,
+        sources={"lm": lm_source, "encoder": encoder_source},
+    )
+    if settings.init_from:
+        student.load(Path(settings.init_from))
+    return student
+
+
+def build_teacher(
+    settings: TeacherSettings,
+    *,
+    model: PreTrainedModel | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    trust_remote_code: bool = False,
+) -> TextTeacher:
+    """The frozen text teacher `settings.model` names, in `settings.dtype`; loads its own copy unless given one."""
+    if (model is None) != (tokenizer is None):
+        raise ValueError("build_teacher: pass model and tokenizer together, or neither")
+    if model is None or tokenizer is None:
+        from cmkd.models.loading import load_causal_lm
+
+        dtype = TORCH_DTYPES[DType(settings.dtype)]
+        model, tokenizer = load_causal_lm(settings.model, dtype=dtype, trust_remote_code=trust_remote_code)
+    return TextTeacher(model, tokenizer, DType(settings.dtype))
