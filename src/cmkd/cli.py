@@ -120,6 +120,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(ns: argparse.Namespace) -> int:
         cfg = resolve_stage_config(stage, ns.args, overwrite=ns.overwrite)
+        if getattr(ns, "dry_run", False):
+            return dry_run_train(cfg, ns)
         runner = _STAGE_RUNNERS.get(stage)
         if runner is None:
             raise UserError(f"cmkd {stage}: this stage is not implemented yet in this version of cmkd")
@@ -129,7 +131,32 @@ def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-_STAGE_RUNNERS: dict[str, Callable[[Any, Path, argparse.Namespace], int]] = {}
+def run_train(cfg: Any, run_dir: Path, ns: argparse.Namespace) -> int:
+    from cmkd.train.loop import run_training
+
+    result = run_training(cfg, run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"trained {result.state.step} steps; student saved to {result.student_dir}")
+    return 0
+
+
+def dry_run_train(cfg: Any, ns: argparse.Namespace) -> int:
+    """Build the configured models on the meta device and print sizes and a per-GPU memory estimate."""
+    from cmkd.models.dry_run import dry_run, print_dry_run, strategy_for
+    from cmkd.models.memory_estimate import Sharding
+
+    try:
+        sharding = Sharding(ns.sharding)
+    except ValueError:
+        raise UserError(
+            f"--sharding: '{ns.sharding}' is not one of {', '.join(s.value for s in Sharding)}"
+        ) from None
+    plan = {"n_gpus": ns.gpus, "sharding": sharding, "seq_len": ns.seq_len}
+    print_dry_run(dry_run(cfg.student, cfg.teacher.model, strategy_for(cfg, **plan)))
+    return 0
+
+
+_STAGE_RUNNERS: dict[str, Callable[[Any, Path, argparse.Namespace], int]] = {"train": run_train}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +186,19 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser.add_argument(
             "--overwrite", action="store_true", help="Reuse a run dir made by another config."
         )
+        if stage == "train":
+            stage_parser.add_argument(
+                "--dry-run",
+                action="store_true",
+                help="Build the models on the meta device; print sizes and memory.",
+            )
+            stage_parser.add_argument("--gpus", type=int, default=8, help="Dry run: number of GPUs.")
+            stage_parser.add_argument(
+                "--sharding", default="zero3", help="Dry run: ddp, fsdp, zero1, zero2 or zero3."
+            )
+            stage_parser.add_argument(
+                "--seq-len", type=int, default=1024, help="Dry run: tokens per example."
+            )
         stage_parser.set_defaults(func=_stage_command(stage))
 
     config = sub.add_parser("config", help="Print a stage's resolved config (defaults < YAML < overrides).")

@@ -33,10 +33,12 @@ class LMMode(StrEnum):
 
 
 class ProjectorKind(StrEnum):
-    """Speech connector: stack k encoder frames then an MLP (ultravox style), or a strided 1-D conv stack."""
+    """Speech connector: stack k encoder frames then an MLP (ultravox style), a strided 1-D conv stack, or the
+    speech model's per-token posteriors bridged into the LM's embedding space (carries words from step 0)."""
 
     STACK_MLP = "stack_mlp"
     CONV = "conv"
+    POSTERIOR = "posterior"
 
 
 class Activation(StrEnum):
@@ -204,6 +206,7 @@ class TrainSettings:
     lr: float = param(2e-3, "Peak learning rate of the projector.", gt=0)
     lora_lr: float = param(2e-4, "Peak learning rate of LoRA adapters.", gt=0)
     lm_lr: float = param(5e-6, "Peak learning rate of full LM weights (lm_mode full).", gt=0)
+    encoder_lr: float = param(1e-5, "Peak learning rate of the speech encoder (student.encoder_trainable).", gt=0)
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
     warmup_steps: int = param(10, "Linear warmup steps.", ge=0)
     schedule: Schedule = param(Schedule.COSINE, "Decay after warmup.")

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
-from cmkd.errors import UserError
 from cmkd.models.composable import ComposableSpeechLM, prepare_lm
 from cmkd.models.encoder import WhisperSpeechEncoder, load_whisper_encoder
 from cmkd.models.projector import build_projector
@@ -45,9 +44,14 @@ def build_student(
     `trust_remote_code` (run.trust_remote_code) is passed to the LM loader only; it runs code shipped with a model."""
     kind = StudentKind(settings.kind)
     if kind is not StudentKind.COMPOSABLE:
-        raise UserError(
-            f"student.kind: '{kind.value}' students are not available yet; use student.kind=composable"
-        )
+        from cmkd.models.hf_students import build_hf_student
+
+        if lm is not None or encoder is not None:
+            raise ValueError("build_student: HF speech LLMs are loaded whole from student.hf_model")
+        student = build_hf_student(settings)
+        if settings.init_from:
+            student.load(Path(settings.init_from))
+        return student  # type: ignore[return-value]
     if (lm is None) != (tokenizer is None):
         raise ValueError("build_student: pass lm and tokenizer together, or neither")
 
