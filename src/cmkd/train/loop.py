@@ -92,7 +92,8 @@ def run_training(
     accelerator = Accelerator(
         mixed_precision=cfg.train.mixed_precision.value,
         cpu=not torch.cuda.is_available(),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # With S→T last in every step its backward reaches every trainable; T→T alone never reaches the projector.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=not cfg.train.speech_to_text)],
     )
     torch.manual_seed(cfg.run.seed)
     if cfg.run.threads:
