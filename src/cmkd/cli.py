@@ -66,8 +66,9 @@ def prepare_run_dir(cfg: Any) -> Path:
     if config_path.exists() and not cfg.run.overwrite:
         previous = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
         current = to_dict(cfg)
-        previous.get("run", {}).pop("overwrite", None)
-        current.get("run", {}).pop("overwrite", None)
+        for config in (previous, current):  # what may differ between runs of one experiment
+            config.get("run", {}).pop("overwrite", None)
+            config.pop("shard", None)
         if previous != current:
             raise UserError(
                 f"run.out_dir '{run_dir}': holds a run with a different config; pick another out_dir or pass --overwrite"
@@ -119,7 +120,8 @@ def cmd_demo(ns: argparse.Namespace) -> int:
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
     def run(ns: argparse.Namespace) -> int:
-        cfg = resolve_stage_config(stage, ns.args, overwrite=ns.overwrite)
+        args = [*ns.args, f"shard={ns.shard}"] if getattr(ns, "shard", None) else ns.args
+        cfg = resolve_stage_config(stage, args, overwrite=ns.overwrite)
         if getattr(ns, "dry_run", False):
             return dry_run_train(cfg, ns)
         runner = _STAGE_RUNNERS.get(stage)
@@ -156,7 +158,45 @@ def dry_run_train(cfg: Any, ns: argparse.Namespace) -> int:
     return 0
 
 
-_STAGE_RUNNERS: dict[str, Callable[[Any, Path, argparse.Namespace], int]] = {"train": run_train}
+def run_prepare_stage(cfg: Any, run_dir: Path, ns: argparse.Namespace) -> int:
+    from cmkd.data.prepare import run_prepare
+
+    run_prepare(
+        cfg,
+        run_dir,
+        progress=True,
+        merge=ns.merge,
+        features=cfg.features,
+        heldout_fraction=cfg.source.heldout_fraction,
+    )
+    return 0
+
+
+def run_eval_stage(cfg: Any, run_dir: Path, ns: argparse.Namespace) -> int:
+    from cmkd.eval.report import load_run, print_scores_table
+    from cmkd.eval.runner import run_eval
+
+    result = run_eval(
+        cfg, run_dir, cascade=not ns.no_cascade, mismatched_audio=ns.mismatched_audio, limit=ns.limit
+    )
+    print_scores_table(load_run(result.run_dir))
+    print(f"per-item outputs in {result.items_dir}; scores in {result.scores_path}")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from cmkd.eval.report import build_report
+
+    result = build_report([Path(d) for d in ns.run_dirs], Path(ns.out))
+    print(f"report written to {result.markdown} ({len(result.plots)} plots)")
+    return 0
+
+
+_STAGE_RUNNERS: dict[str, Callable[[Any, Path, argparse.Namespace], int]] = {
+    "prepare": run_prepare_stage,
+    "train": run_train,
+    "eval": run_eval_stage,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -186,6 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
         stage_parser.add_argument(
             "--overwrite", action="store_true", help="Reuse a run dir made by another config."
         )
+        if stage == "prepare":
+            stage_parser.add_argument("--shard", help="Process shard I/N of the items (same as shard=I/N).")
+            stage_parser.add_argument(
+                "--merge", action="store_true", help="Assemble the manifests of all shards."
+            )
+        if stage == "eval":
+            stage_parser.add_argument(
+                "--no-cascade", action="store_true", help="Skip the ASR → teacher reference."
+            )
+            stage_parser.add_argument(
+                "--mismatched-audio",
+                action="store_true",
+                help="Add the control: each item heard with another's clip.",
+            )
+            stage_parser.add_argument("--limit", type=int, default=0, help="Evaluate the first N items only.")
         if stage == "train":
             stage_parser.add_argument(
                 "--dry-run",
@@ -200,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
                 "--seq-len", type=int, default=1024, help="Dry run: tokens per example."
             )
         stage_parser.set_defaults(func=_stage_command(stage))
+
+    report = sub.add_parser(
+        "report", help="Tables, plots and Markdown from one or more eval runs, side by side."
+    )
+    report.add_argument("run_dirs", nargs="+", help="Eval run directories (e.g. baseline and method).")
+    report.add_argument("--out", default="runs/report", help="Where report.md, report.json and PNGs go.")
+    report.set_defaults(func=cmd_report)
 
     config = sub.add_parser("config", help="Print a stage's resolved config (defaults < YAML < overrides).")
     config.add_argument("stage", choices=sorted(STAGES))

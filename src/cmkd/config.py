@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import difflib
 import enum
+import os
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -267,7 +268,7 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config (what actually ran) as YAML, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # concurrent shards never share a temp file
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
     tmp.replace(path)
     return path

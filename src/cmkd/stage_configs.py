@@ -136,8 +136,24 @@ class ProjectorSettings:
     stack: int = param(
         8, "Encoder frames stacked into one LM position (50 frames/s / 8 = 6.25 audio tokens/s).", ge=1
     )
-    hidden: int = param(1024, "Hidden width of the projector MLP.", ge=1)
+    hidden: int = param(1024, "Hidden width of the projector MLP (posterior: of its residual MLP).", ge=1)
     activation: Activation = param(Activation.GELU, "Projector non-linearity.")
+    posterior_top_k: int = param(
+        8, "Posterior connector: Whisper's k most likely tokens kept per decoded step.", ge=1, le=256
+    )
+    posterior_max_tokens: int = param(
+        96,
+        "Posterior connector: most Whisper tokens decoded per clip (= LM positions per clip).",
+        ge=1,
+        le=440,
+    )
+    posterior_window_s: float = param(
+        10.0,
+        "Posterior connector: each clip is padded with silence to at least this many seconds (and 7 s past its "
+        "end) before Whisper decodes it; Whisper only stops on trailing silence.",
+        gt=0,
+        le=30,
+    )
 
 
 @dataclass
@@ -206,7 +222,9 @@ class TrainSettings:
     lr: float = param(2e-3, "Peak learning rate of the projector.", gt=0)
     lora_lr: float = param(2e-4, "Peak learning rate of LoRA adapters.", gt=0)
     lm_lr: float = param(5e-6, "Peak learning rate of full LM weights (lm_mode full).", gt=0)
-    encoder_lr: float = param(1e-5, "Peak learning rate of the speech encoder (student.encoder_trainable).", gt=0)
+    encoder_lr: float = param(
+        1e-5, "Peak learning rate of the speech encoder (student.encoder_trainable).", gt=0
+    )
     weight_decay: float = param(0.0, "AdamW weight decay.", ge=0)
     warmup_steps: int = param(10, "Linear warmup steps.", ge=0)
     schedule: Schedule = param(Schedule.COSINE, "Decay after warmup.")
@@ -252,6 +270,15 @@ class SourceSettings:
     target_field: str = param("answer", "Field holding the gold answer.")
     system_field: str = param("", "Field holding a per-item system prompt (empty: none).")
     limit: int = param(0, "Read at most this many items (0: all).", ge=0)
+    heldout_fraction: float = param(
+        0.1,
+        "Share of items held out (hashed by id) when the source names no split; the demo set names its own.",
+        ge=0,
+        lt=1,
+    )
+    every: int = param(
+        1, "Keep every n-th good item, in source order (a smaller subset that keeps the mix).", ge=1
+    )
 
 
 @dataclass
@@ -270,6 +297,19 @@ class TTSSettings:
     )
     workers: int = param(1, "Parallel TTS worker processes.", ge=1)
     max_wer: float = param(0.5, "ASR round-trip word error rate above which a clip is rejected.", ge=0)
+
+
+@dataclass
+class FeatureSettings:
+    """The frozen speech-encoder feature cache (prepare stage 6), so training and eval can skip the encoder."""
+
+    enabled: bool = param(True, "Cache frozen speech-encoder features for every kept clip.")
+    encoder: str = param(
+        "whisper-tiny.en", "Encoder whose frames are cached; must equal student.encoder of the training run."
+    )
+    dtype: DType = param(
+        DType.FLOAT32, "Storage precision; float32 keeps cached frames identical to the online encoder."
+    )
 
 
 @dataclass
@@ -297,6 +337,7 @@ class PrepareConfig:
     data: DataSettings = param(factory=DataSettings, doc="Data layout.")
     teacher: TeacherSettings = param(factory=TeacherSettings, doc="Teacher used to write targets.")
     tts: TTSSettings = param(factory=TTSSettings, doc="Speech synthesis.")
+    features: FeatureSettings = param(factory=FeatureSettings, doc="Encoder feature cache.")
     shard: str = param("0/1", "Process shard i/n of the items (e.g. 1/4).")
 
     def validate(self) -> None:

@@ -27,6 +27,9 @@ from cmkd.errors import UserError
 
 TARGET_SAMPLE_RATE = 16_000  # Whisper-family encoders and the manifest format (design §6) use 16 kHz mono.
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _decode(source: str | BinaryIO, name: str, max_seconds: float | None) -> tuple[np.ndarray, int]:
     """Decode `source` to (float32 mono, native rate); UserError naming `name` for anything unusable."""
@@ -138,6 +141,7 @@ def write_flac(path: str | Path, audio: np.ndarray, sr: int) -> Path:
         raise UserError(f"{target}: sample rate must be positive, got {sr}")
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as handle:
             sf.write(handle, np.clip(samples, -1.0, 1.0), sr, format="FLAC", subtype="PCM_16")

@@ -31,6 +31,9 @@ from typing import IO, Any
 # Atomic whole-file writes
 # ---------------------------------------------------------------------------------------------------------------
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def _fsync_directory(directory: Path) -> None:
     """Make a rename durable; some filesystems refuse to open a directory, which only weakens durability."""
@@ -51,6 +54,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.chmod(temp_name, 0o666 & ~_UMASK)  # mkstemp makes 0600; the final file gets the usual permissions
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)

@@ -6,13 +6,18 @@ Every stage after `sources` reads and writes these (design.md §6). In memory a 
     {"id": "q1", "text": {"prompt": "What is the capital of France?", "system": null},
      "speech": [{"audio": "audio/hibari/q1.flac", "sr": 16000, "source": "hibari", "voice": "",
                  "transcript": "what is the capital of france", "wer": 0.0}],
-     "target": "Paris", "teacher": {"response": "The capital of France is Paris."},
+     "target": "Paris",
+     "teacher": {"response": "The capital of France is Paris.", "response_ids": [504, 3575, 282, 4649],
+                 "truncated": false},
      "choices": null, "answer": null, "task": "short_answer", "category": "capitals", "meta": {}}
 
 `text.prompt` is the exact wording the audio speaks: the teacher reads it, the TTS speaks it, the student hears
-it. Records validate themselves when built, so an invalid record cannot exist; errors name the record id and
-the field. Audio paths are relative to the data root and `resolve_audio_path` refuses any that leave it
-(`..`, absolute paths, symlinks pointing out), because manifests may come from other people.
+it. `teacher.response_ids` are the token ids of ŷ that the teacher logit cache rows belong to; training uses
+them as they are, because decoding ids to text and encoding it again need not give the same ids. They and
+`teacher.truncated` (ŷ was cut at the token limit) are written only when known. Records validate themselves
+when built, so an invalid record cannot exist; errors name the record id and the field. Audio paths are
+relative to the data root and `resolve_audio_path` refuses any that leave it (`..`, absolute paths, symlinks
+pointing out), because manifests may come from other people.
 """
 
 from __future__ import annotations
@@ -143,6 +148,8 @@ class PairedRecord:
     speech: list[SpeechClip] = field(default_factory=list)
     target: str | None = None
     teacher_response: str | None = None
+    teacher_response_ids: list[int] | None = None
+    teacher_truncated: bool | None = None
     choices: list[str] | None = None
     answer: str | None = None
     task: str | None = None
@@ -167,6 +174,13 @@ class PairedRecord:
             clip.validate(item_id)
         for name in ("target", "teacher_response", "answer", "task", "category"):
             _require_str(item_id, _JSON_NAMES.get(name, name), getattr(self, name), optional=True)
+        _check_response_ids(item_id, self.teacher_response_ids)
+        if self.teacher_truncated is not None and not isinstance(self.teacher_truncated, bool):
+            raise RecordError(
+                item_id,
+                "teacher.truncated",
+                f"must be true or false, got {_type_name(self.teacher_truncated)}",
+            )
         if self.choices is not None and (
             not isinstance(self.choices, list) or not all(isinstance(c, str) for c in self.choices)
         ):
@@ -185,13 +199,21 @@ class PairedRecord:
             "text": {"prompt": self.prompt, "system": self.system},
             "speech": [clip.to_json() for clip in self.speech],
             "target": self.target,
-            "teacher": {"response": self.teacher_response},
+            "teacher": self._teacher_json(),
             "choices": self.choices,
             "answer": self.answer,
             "task": self.task,
             "category": self.category,
             "meta": self.meta,
         }
+
+    def _teacher_json(self) -> dict[str, Any]:
+        teacher: dict[str, Any] = {"response": self.teacher_response}
+        if self.teacher_response_ids is not None:
+            teacher["response_ids"] = list(self.teacher_response_ids)
+        if self.teacher_truncated is not None:
+            teacher["truncated"] = self.teacher_truncated
+        return teacher
 
     @classmethod
     def from_json(cls, data: Any) -> PairedRecord:
@@ -204,7 +226,7 @@ class PairedRecord:
             raise RecordError(item_id, "id", f"must be a non-empty string, got {raw_id!r}")
         _reject_unknown_keys(item_id, "record", data, set(_TOP_LEVEL_KEYS))
         text = _section(item_id, data, "text", {"prompt", "system"})
-        teacher = _section(item_id, data, "teacher", {"response"})
+        teacher = _section(item_id, data, "teacher", {"response", "response_ids", "truncated"})
         speech = data.get("speech") or []
         if not isinstance(speech, list):
             raise RecordError(item_id, "speech", f"must be a list, got {_type_name(speech)}")
@@ -216,6 +238,8 @@ class PairedRecord:
             speech=[SpeechClip.from_json(clip, item_id) for clip in speech],
             target=data.get("target"),
             teacher_response=teacher.get("response"),
+            teacher_response_ids=teacher.get("response_ids"),
+            teacher_truncated=teacher.get("truncated"),
             choices=data.get("choices"),
             answer=data.get("answer"),
             task=data.get("task"),
@@ -225,6 +249,17 @@ class PairedRecord:
 
 
 _JSON_NAMES = {"teacher_response": "teacher.response"}
+
+
+def _check_response_ids(item_id: str, ids: Any) -> None:
+    if ids is None:
+        return
+    if not isinstance(ids, list) or not all(
+        isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in ids
+    ):
+        raise RecordError(item_id, "teacher.response_ids", "must be a list of non-negative integer token ids")
+
+
 _TOP_LEVEL_KEYS = (
     "id",
     "text",
@@ -278,7 +313,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("text", pa.struct([("prompt", pa.string()), ("system", pa.string())])),
         ("speech", pa.list_(_CLIP_TYPE)),
         ("target", pa.string()),
-        ("teacher", pa.struct([("response", pa.string())])),
+        (
+            "teacher",
+            pa.struct(
+                [("response", pa.string()), ("response_ids", pa.list_(pa.int64())), ("truncated", pa.bool_())]
+            ),
+        ),
         ("choices", pa.list_(pa.string())),
         ("answer", pa.string()),
         ("task", pa.string()),

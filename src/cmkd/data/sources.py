@@ -370,7 +370,7 @@ def read_source(
     limits: TextLimits = TextLimits(),
     max_audio_seconds: float = 30.0,
 ) -> list[PairedRecord]:
-    """All good records of the source (at most `settings.limit`, 0 = all); the rest go to `rejects`.
+    """Every `settings.every`-th good record of the source, at most `settings.limit` (0 = all); bad ones go to `rejects`.
 
     A repeated id is rejected (the first one wins). If nothing usable is read, a UserError says why.
     """
@@ -383,6 +383,8 @@ def read_source(
             rejects.add(item.id, "id", "duplicate id", "an earlier item has the same id")
         else:
             seen.add(item.id)
+            if (len(seen) - 1) % settings.every:  # a balanced subset: every n-th good item, not the first n
+                continue
             records.append(item)
             if settings.limit and len(records) >= settings.limit:
                 break

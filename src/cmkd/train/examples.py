@@ -11,6 +11,7 @@ exactly where a killed run stopped, and what lets each rank take its own slice w
 from __future__ import annotations
 
 import functools
+import logging
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from cmkd.data.records import PairedRecord, resolve_audio_path
 from cmkd.errors import UserError
 from cmkd.models.speech_lm import Prompt
 from cmkd.stage_configs import CETarget
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ def build_examples(
     need_speech: bool,
 ) -> list[TrainExample]:
     """Turn manifest records into examples; every problem names the record and the field."""
-    examples = []
+    examples: list[TrainExample] = []
+    without_speech: list[str] = []
     for record in records:
         system = record.system if record.system is not None else system_prompt
         if ce_target is CETarget.GOLD:
@@ -89,10 +93,17 @@ def build_examples(
                 )
         audio_paths = tuple(resolve_audio_path(root, clip.audio, record.id) for clip in record.speech)
         if need_speech and not audio_paths:
-            raise UserError(f"{record.id}/speech: the S→T channel is on but the record has no clip")
+            without_speech.append(record.id)  # every clip failed the ASR check in prepare
+            continue
         examples.append(TrainExample(record.id, system, record.prompt, audio_paths, tuple(response_ids)))
+    if without_speech:
+        logger.warning(
+            "%d record(s) without any clip are left out of training (S→T is on): %s",
+            len(without_speech),
+            ", ".join(without_speech[:10]) + (" ..." if len(without_speech) > 10 else ""),
+        )
     if not examples:
-        raise UserError("data.train_manifest: holds no training records")
+        raise UserError("data.train_manifest: holds no training records (with speech, when S→T is on)")
     return examples
 
 

@@ -1,0 +1,151 @@
+"""The frozen speech-encoder feature cache: encoder frames per clip, computed once by `cmkd prepare`.
+
+Why: with a frozen encoder, training and evaluation would run the same Whisper encoder over the same clips every
+epoch. The cache stores each clip's frames [T_enc, D] once. They are made by `encode_clip`, the SAME code path
+the student uses online (`WhisperSpeechEncoder` at the clip's real length, no 30 s padding, one clip at a time),
+so a cached clip and an online clip give identical tensors in float32 (tested), and the cache is a pure speed-up.
+
+Layout, under the data root:
+
+    features/meta.json                                   encoder name, weights hash, D, dtype (checked on open)
+    features/<audio path>.safetensors                    one file per clip, tensor keyed by the audio path
+
+One file per clip, named after the clip's audio path: a file is written atomically (temp + rename) when its clip
+is done, so a killed run leaves whole files only, parallel shards never touch the same file, and a clip whose
+audio changes simply overwrites its own file. `FeatureCache.get(audio_rel_path)` is the reader train and eval use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from cmkd.data.jsonl_io import atomic_write_bytes, atomic_write_text
+from cmkd.data.records import check_relative_audio_path
+from cmkd.errors import UserError
+from cmkd.models.encoder import WhisperSpeechEncoder
+from cmkd.stage_configs import DType, FeatureSettings
+
+FEATURES_DIR = "features"
+_TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
+
+
+@dataclass(frozen=True)
+class FeatureMeta:
+    """What the cache was made with; a reader refuses a cache from other encoder weights."""
+
+    encoder: str
+    weights_hash: str
+    dim: int
+    dtype: str
+    frames_per_second: float = 50.0
+
+
+def encoder_weights_hash(encoder: WhisperSpeechEncoder) -> str:
+    """A fingerprint of the encoder's weights (names, shapes, dtypes and bytes): two encoders that give the same
+    hash give the same features, whatever path or name they were loaded under."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(encoder.whisper.state_dict().items()):
+        values = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}\t{tuple(tensor.shape)}\t{values.dtype}\n".encode())
+        digest.update(values.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def feature_meta(encoder: WhisperSpeechEncoder, settings: FeatureSettings) -> FeatureMeta:
+    return FeatureMeta(
+        encoder=settings.encoder,
+        weights_hash=encoder_weights_hash(encoder),
+        dim=encoder.hidden_size,
+        dtype=settings.dtype.value,
+    )
+
+
+@torch.inference_mode()
+def encode_clip(encoder: WhisperSpeechEncoder, audio_16k: np.ndarray) -> torch.Tensor:
+    """One 16 kHz mono clip -> encoder frames [T_enc, D] float32: the code path both the cache and online use."""
+    frames, frame_mask = encoder([audio_16k])  # 1, T_enc, D and 1, T_enc
+    length = int(frame_mask[0].sum())
+    return frames[0, :length].float().cpu().contiguous()  # T_enc, D
+
+
+def feature_relpath(audio_rel_path: str) -> str:
+    """Where a clip's features live, relative to the data root: `features/<audio path>.safetensors`."""
+    check_relative_audio_path(audio_rel_path, audio_rel_path)
+    return f"{FEATURES_DIR}/{audio_rel_path}.safetensors"
+
+
+def write_clip_features(root: Path, audio_rel_path: str, frames: torch.Tensor, dtype: DType) -> Path:
+    """Store one clip's frames [T_enc, D] atomically, keyed by its audio path."""
+    target = Path(root) / feature_relpath(audio_rel_path)
+    data = save({audio_rel_path: frames.to(_TORCH_DTYPES[dtype]).contiguous()})
+    atomic_write_bytes(target, data)
+    return target
+
+
+def read_feature_meta(root: Path) -> FeatureMeta | None:
+    meta_path = Path(root) / FEATURES_DIR / "meta.json"
+    if not meta_path.is_file():
+        return None
+    try:
+        return FeatureMeta(**json.loads(meta_path.read_text(encoding="utf-8")))
+    except (ValueError, TypeError) as err:
+        raise UserError(
+            f"{meta_path}: unreadable feature-cache meta ({err}); delete {meta_path.parent}"
+        ) from None
+
+
+def write_feature_meta(root: Path, meta: FeatureMeta) -> None:
+    atomic_write_text(Path(root) / FEATURES_DIR / "meta.json", json.dumps(asdict(meta), indent=2) + "\n")
+
+
+class FeatureCache:
+    """Cached encoder frames by audio path (relative to the data root, as in the manifest's `speech.audio`).
+
+    `expected`: the meta of the run reading the cache (e.g. `feature_meta(student_encoder, settings)`); any
+    difference in encoder weights, width or dtype is refused, because mixing features from two encoders would
+    train the projector on inputs it never sees at inference.
+    """
+
+    def __init__(self, root: str | Path, expected: FeatureMeta | None = None) -> None:
+        self.root = Path(root)
+        meta = read_feature_meta(self.root)
+        if meta is None:
+            raise UserError(
+                f"{self.root / FEATURES_DIR}: no feature cache (meta.json missing); run `cmkd prepare` with "
+                "features enabled, or compute features online"
+            )
+        self.meta = meta
+        if expected is not None:
+            for name in ("weights_hash", "dim", "dtype"):
+                have, want = getattr(meta, name), getattr(expected, name)
+                if have != want:
+                    raise UserError(
+                        f"feature cache '{self.root / FEATURES_DIR}': {name} is {have!r} but this run needs "
+                        f"{want!r} (made by encoder {meta.encoder!r}); re-run `cmkd prepare` with this encoder"
+                    )
+
+    def path(self, audio_rel_path: str) -> Path:
+        return self.root / feature_relpath(audio_rel_path)
+
+    def __contains__(self, audio_rel_path: str) -> bool:
+        return self.path(audio_rel_path).is_file()
+
+    def get(self, audio_rel_path: str) -> torch.Tensor:
+        """Frames [T_enc, D] of one clip, as float32."""
+        path = self.path(audio_rel_path)
+        if not path.is_file():
+            raise UserError(f"{audio_rel_path}: not in the feature cache ({path}); re-run `cmkd prepare`")
+        tensors = load_file(str(path))
+        if audio_rel_path not in tensors:
+            raise UserError(f"{path}: holds {sorted(tensors)}, not {audio_rel_path!r}; re-run `cmkd prepare`")
+        frames = tensors[audio_rel_path]
+        if frames.ndim != 2 or frames.shape[1] != self.meta.dim:
+            raise UserError(f"{path}: frames of shape {tuple(frames.shape)}, expected [T, {self.meta.dim}]")
+        return frames.float()
