@@ -177,7 +177,13 @@ def run_eval_stage(cfg: Any, run_dir: Path, ns: argparse.Namespace) -> int:
     from cmkd.eval.runner import run_eval
 
     result = run_eval(
-        cfg, run_dir, cascade=not ns.no_cascade, mismatched_audio=ns.mismatched_audio, limit=ns.limit
+        cfg,
+        run_dir,
+        cascade=cfg.eval.cascade,
+        mismatched_audio=cfg.eval.mismatched_audio,
+        limit=cfg.eval.limit,
+        system_prompt=cfg.eval.system_prompt or None,
+        teacher_forced=cfg.eval.teacher_forced,
     )
     print_scores_table(load_run(result.run_dir))
     print(f"per-item outputs in {result.items_dir}; scores in {result.scores_path}")
@@ -231,16 +237,6 @@ def build_parser() -> argparse.ArgumentParser:
             stage_parser.add_argument(
                 "--merge", action="store_true", help="Assemble the manifests of all shards."
             )
-        if stage == "eval":
-            stage_parser.add_argument(
-                "--no-cascade", action="store_true", help="Skip the ASR → teacher reference."
-            )
-            stage_parser.add_argument(
-                "--mismatched-audio",
-                action="store_true",
-                help="Add the control: each item heard with another's clip.",
-            )
-            stage_parser.add_argument("--limit", type=int, default=0, help="Evaluate the first N items only.")
         if stage == "train":
             stage_parser.add_argument(
                 "--dry-run",

@@ -323,6 +323,19 @@ class EvalSettings:
         "", "OpenAI-compatible endpoint for the LLM judge (empty: judge-scored subsets are skipped)."
     )
     judge_model: str = param("", "Judge model id at judge_url.")
+    cascade: bool = param(
+        True, "Also evaluate the ASR cascade: Whisper tiny.en transcript → teacher in text mode."
+    )
+    mismatched_audio: bool = param(
+        False, "Add the control where each item is heard with another item's clip."
+    )
+    limit: int = param(0, "Evaluate the first N items only (per VoiceBench file); 0: all.", ge=0)
+    system_prompt: str = param(
+        "", "System prompt for every mode (empty: teacher.system_prompt; a record's own wins)."
+    )
+    teacher_forced: bool = param(
+        True, "Compute teacher-forced KL(teacher‖student) and NLL of the teacher's response."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
