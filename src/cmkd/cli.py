@@ -115,7 +115,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 def cmd_demo(ns: argparse.Namespace) -> int:
     from cmkd.demo import run_demo
 
-    return run_demo(out_dir=Path(ns.out_dir), quick=ns.quick)
+    return run_demo(Path(ns.out_dir), quick=ns.quick, ablations=ns.ablations)
 
 
 def _stage_command(stage: str) -> Callable[[argparse.Namespace], int]:
@@ -266,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="Run the embedded default end to end, offline, on a CPU.")
     demo.add_argument("--out-dir", default="runs/demo", help="Where the demo writes its outputs.")
-    demo.add_argument("--quick", action="store_true", help="Smaller sizes, same code path.")
+    demo.add_argument("--quick", action="store_true", help="Smaller sizes, same code path (about 5 minutes).")
+    demo.add_argument("--ablations", action="store_true", help="Also train the paper's other three presets.")
     demo.set_defaults(func=cmd_demo)
     return parser
 
