@@ -179,3 +179,10 @@ def test_run_dir_refuses_a_different_config_without_overwrite(tmp_path: Path) ->
         prepare_run_dir(resolve_stage_config("train", [out, "train.steps=6"]))
     prepare_run_dir(resolve_stage_config("train", [out, "train.steps=6"], overwrite=True))
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["steps"] == 6
+
+
+def test_cli_assets_status_lists_every_embedded_asset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["assets", "--status-only"]) == 0
+    out = capsys.readouterr().out
+    for name in ("smollm2", "whisper"):
+        assert name in out

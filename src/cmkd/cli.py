@@ -95,7 +95,7 @@ def cmd_assets(ns: argparse.Namespace) -> int:
     for column in ("asset", "present", "size", "path"):
         table.add_column(column)
     for status in assets.describe_assets():
-        size = f"{status.size / 1e6:.1f} MB" if status.present else "-"
+        size = f"{status.size_bytes / 1e6:.1f} MB" if status.present else "-"
         table.add_row(status.name, "yes" if status.present else "no", size, str(status.path))
     Console().print(table)
     return 0
