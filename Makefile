@@ -45,6 +45,14 @@ test-fast: setup
 demo: assets
 	HF_HUB_OFFLINE=1 $(CMKD) demo
 
+# Each benchmark runs its variants side by side and writes benchmarks/results/<name>.md (minutes each on 2 cores).
+bench: assets
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_kd_loss.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_teacher_cost.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_channels.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_tts.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_connectors.py --train-minutes 5
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks

@@ -13,11 +13,14 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from cmkd.errors import UserError
 from cmkd.models.composable import ComposableSpeechLM, prepare_lm
 from cmkd.models.encoder import WhisperSpeechEncoder, load_whisper_encoder
-from cmkd.models.projector import build_projector
+from cmkd.models.posterior import load_whisper_with_tokenizer
+from cmkd.models.posterior_connector import PosteriorConnector, build_posterior_connector
+from cmkd.models.projector import Projector, build_projector
 from cmkd.models.teacher import TORCH_DTYPES, TextTeacher
-from cmkd.stage_configs import DType, LMMode, StudentKind, StudentSettings, TeacherSettings
+from cmkd.stage_configs import DType, LMMode, ProjectorKind, StudentKind, StudentSettings, TeacherSettings
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -37,10 +40,13 @@ def build_student(
     lm: PreTrainedModel | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
     encoder: WhisperSpeechEncoder | nn.Module | None = None,
+    speech_tokenizer: PreTrainedTokenizerBase | None = None,
     trust_remote_code: bool = False,
 ) -> ComposableSpeechLM:
     """The student `settings` describe; `lm`+`tokenizer` and `encoder` replace loading those parts.
 
+    The posterior connector (projector.kind=posterior) needs the whole Whisper model (decoder and output layer) and
+    its tokenizer: pass a WhisperForConditionalGeneration as `encoder` together with `speech_tokenizer`, or neither.
     `trust_remote_code` (run.trust_remote_code) is passed to the LM loader only; it runs code shipped with a model."""
     kind = StudentKind(settings.kind)
     if kind is not StudentKind.COMPOSABLE:
@@ -66,7 +72,18 @@ def build_student(
         if mode is not LMMode.FROZEN:
             lm = copy.deepcopy(lm)  # the student trains its own weights, never the caller's object
 
-    if encoder is None:
+    posterior = ProjectorKind(settings.projector.kind) is ProjectorKind.POSTERIOR
+    if posterior and settings.encoder_trainable:
+        raise UserError(
+            "student.encoder_trainable: the posterior connector decodes with a frozen Whisper, so no gradient "
+            "reaches the encoder; set it false or use projector.kind=stack_mlp"
+        )
+    if encoder is None and posterior:
+        encoder, loaded_tokenizer = load_whisper_with_tokenizer(settings.encoder)
+        speech_tokenizer = speech_tokenizer or loaded_tokenizer
+        speech_encoder = WhisperSpeechEncoder.from_model(encoder)
+        encoder_source = settings.encoder
+    elif encoder is None:
         speech_encoder = load_whisper_encoder(settings.encoder)
         encoder_source = settings.encoder
     else:
@@ -78,8 +95,20 @@ def build_student(
         encoder_source = _source_of(speech_encoder.whisper)
     speech_encoder.set_trainable(settings.encoder_trainable)
 
-    lm_dim = lm.get_input_embeddings().embedding_dim
-    projector = build_projector(settings.projector, speech_encoder.hidden_size, lm_dim)
+    projector: Projector | PosteriorConnector
+    if posterior:
+        if not hasattr(encoder, "proj_out") or speech_tokenizer is None:
+            raise UserError(
+                "student.projector.kind=posterior: needs the whole Whisper model (WhisperForConditionalGeneration, "
+                "with its decoder) and its tokenizer, not an encoder alone"
+            )
+        lm_embeddings = lm.get_input_embeddings().weight
+        projector = build_posterior_connector(
+            settings.projector, encoder, speech_tokenizer, lm_embeddings, tokenizer
+        )
+    else:
+        lm_dim = lm.get_input_embeddings().embedding_dim
+        projector = build_projector(settings.projector, speech_encoder.hidden_size, lm_dim)
     student = ComposableSpeechLM(
         speech_encoder,
         projector.to(lm.get_input_embeddings().weight.device),

@@ -6,12 +6,17 @@ words would be (prefix ids | audio embeddings | suffix ids | response ids + end-
 path (embedding lookup of the template ids the teacher reads), so a text-mode student IS the plain LM on those ids:
 T→T with a frozen LM reproduces the teacher exactly when they are the same model.
 
+With `ProjectorKind.POSTERIOR` the projector slot holds a `PosteriorConnector` instead: the audio is decoded by
+Whisper's frozen decoder (or its posteriors come cached, packed in `Prompt.features`) and each decoded Whisper
+token becomes one LM position (see `cmkd.models.posterior_connector`).
+
 The LM trains not at all (`frozen`), through peft LoRA adapters (`lora`), or fully (`full`). Checkpoints hold only
 trainable tensors; the frozen parts are named by source in a JSON beside them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
@@ -25,6 +30,8 @@ from torch import nn
 from cmkd.config import to_dict
 from cmkd.errors import UserError
 from cmkd.models.encoder import WhisperSpeechEncoder, pad_frames
+from cmkd.models.posterior import PosteriorFeatures, posterior_features
+from cmkd.models.posterior_connector import PosteriorConnector
 from cmkd.models.projector import Projector
 from cmkd.models.speech_lm import ChatFormat, LMOutput, Prompt, check_batch, pad_sequences, prediction_layout
 from cmkd.stage_configs import LMMode, LoraSettings, StudentSettings
@@ -39,6 +46,10 @@ META_FILE = "student.json"
 CHECKPOINT_FORMAT = 1
 _AUDIO_SLOT = -1
 """Stand-in id for an audio position while a batch of ids is assembled; replaced before the embedding lookup."""
+_POSTERIOR_MEMO: dict[tuple[str, ...], PosteriorFeatures] = {}
+"""Decoded Whisper posteriors of clips seen in this process (training epochs, eval modes, several students);
+the decoder is frozen and greedy, so they never change. Bounded; a few hundred short clips take a few MB."""
+_POSTERIOR_MEMO_SIZE = 20_000
 _SETTINGS_THAT_SHAPE_WEIGHTS = ("kind", "lm_mode", "encoder_trainable", "projector", "lora")
 
 
@@ -69,7 +80,7 @@ class ComposableSpeechLM(nn.Module):
     def __init__(
         self,
         encoder: WhisperSpeechEncoder,
-        projector: Projector,
+        projector: Projector | PosteriorConnector,
         lm: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         *,
@@ -137,19 +148,30 @@ class ComposableSpeechLM(nn.Module):
 
     def _speech_rows(self, prompts: Sequence[Prompt]) -> tuple[torch.Tensor | None, list[int]]:
         """Audio embeddings of every spoken prompt, concatenated in batch order: [N_audio, H], and N per prompt."""
-        spoken = [index for index, prompt in enumerate(prompts) if not prompt.is_text]
+        spoken = [prompt for prompt in prompts if not prompt.is_text]
         if not spoken:
             return None, []
-        device = self.projector.linear_out.weight.device
+        if isinstance(self.projector, PosteriorConnector):
+            embeds, embed_mask = self._posterior_embeddings(spoken, self.projector)  # B_s, N, H; B_s, N
+        else:
+            embeds, embed_mask = self._frame_embeddings(spoken, self.projector)  # B_s, T/k, H; B_s, T/k
+        return embeds[embed_mask], embed_mask.sum(dim=1).tolist()  # N_audio, H
+
+    def _frame_embeddings(
+        self, spoken: Sequence[Prompt], projector: Projector
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Encoder frames (computed, or cached in `features`) through a frame projector: [B_s, T/k, H], [B_s, T/k]."""
+        device = projector.linear_out.weight.device
         frames_by_index: dict[int, torch.Tensor] = {}
-        with_audio = [index for index in spoken if prompts[index].audio is not None]
+        with_audio = [index for index, prompt in enumerate(spoken) if prompt.audio is not None]
         if with_audio:
-            clips = [prompts[index].audio for index in with_audio]
-            frames, frame_mask = self.encoder(clips)  # B_a, T, D and B_a, T
+            frames, frame_mask = self.encoder(
+                [spoken[index].audio for index in with_audio]
+            )  # B_a, T, D; B_a, T
             for row, index in enumerate(with_audio):
                 frames_by_index[index] = frames[row, frame_mask[row]]  # T_b, D
-        for index in spoken:
-            cached = prompts[index].features
+        for index, prompt in enumerate(spoken):
+            cached = prompt.features
             if cached is not None:
                 if cached.shape[1] != self.encoder.hidden_size:
                     raise UserError(
@@ -157,9 +179,49 @@ class ComposableSpeechLM(nn.Module):
                         "the feature cache was made with another encoder"
                     )
                 frames_by_index[index] = cached.to(device=device, dtype=torch.float32)  # T_b, D
-        frames, frame_mask = pad_frames([frames_by_index[index] for index in spoken])  # B_s, T, D; B_s, T
-        embeds, embed_mask = self.projector(frames, frame_mask)  # B_s, T/k, H; B_s, T/k
-        return embeds[embed_mask], embed_mask.sum(dim=1).tolist()  # N_audio, H
+        frames, frame_mask = pad_frames([frames_by_index[index] for index in range(len(spoken))])  # B_s, T, D
+        return projector(frames, frame_mask)  # B_s, T/k, H and B_s, T/k
+
+    def _posterior_embeddings(
+        self, spoken: Sequence[Prompt], connector: PosteriorConnector
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whisper posteriors (decoded now, or cached packed in `features`) through the connector: [B_s, N, H]."""
+        decoded: dict[int, PosteriorFeatures] = {}
+        with_audio = [index for index, prompt in enumerate(spoken) if prompt.audio is not None]
+        keys = {index: self._posterior_key(spoken[index].audio, connector) for index in with_audio}
+        decoded.update(
+            {index: _POSTERIOR_MEMO[keys[index]] for index in with_audio if keys[index] in _POSTERIOR_MEMO}
+        )
+        to_decode = [index for index in with_audio if index not in decoded]
+        if to_decode:
+            clips = [spoken[index].audio for index in to_decode]
+            posteriors = posterior_features(clips, self.encoder, connector.decoder, batch_size=len(clips))
+            for index, features in zip(to_decode, posteriors, strict=True):
+                decoded[index] = features
+                if len(_POSTERIOR_MEMO) < _POSTERIOR_MEMO_SIZE:
+                    _POSTERIOR_MEMO[keys[index]] = features
+        for index, prompt in enumerate(spoken):
+            cached = prompt.features
+            if cached is not None:
+                if cached.shape[1] != connector.input_width:
+                    raise UserError(
+                        f"prompt.features: width {cached.shape[1]} but the posterior connector reads "
+                        f"{connector.input_width} (2 x top-k {connector.top_k} + decoder width); the posterior "
+                        "cache was made with other settings, or these are encoder frames"
+                    )
+                decoded[index] = PosteriorFeatures.from_packed(cached, connector.top_k)
+        return connector([decoded[index] for index in range(len(spoken))])  # B_s, N, H and B_s, N
+
+    def _posterior_key(self, audio: Any, connector: PosteriorConnector) -> tuple[str, ...]:
+        """Whisper is frozen, so a clip's posteriors depend only on the clip, the weights and the decode settings."""
+        digest = hashlib.sha1(audio.tobytes()).hexdigest()
+        source = self.sources.get("encoder", "")
+        if self.settings.encoder_trainable:  # weights change as it trains: key on their version
+            version = sum(int(param._version) for param in self.encoder.parameters())
+            source = f"object-{id(self.encoder)}-{version}"
+        elif not source or source.startswith("<"):
+            source = f"object-{id(self.encoder)}"  # unnamed weights: share nothing across models
+        return (source, repr(self.settings.projector), digest)
 
     def _assemble(
         self, prompts: Sequence[Prompt], responses: Sequence[Sequence[int]] | None, left_pad: bool

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cmkd.errors import UserError
 from cmkd.stage_configs import Activation, ProjectorKind, ProjectorSettings
 
 
@@ -58,7 +59,7 @@ class StackMLPProjector(nn.Module):
         """[B, T, D_enc], [B, T] bool -> embeddings [B, ceil(T/k), H], mask [B, ceil(T/k)] bool."""
         stacked, stacked_mask = stack_frames(frames, frame_mask, self.stack)  # B, T, D -> B, T/k, k*D
         hidden = self.linear_in(self.norm(stacked))  # B, T/k, k*D -> B, T/k, hidden (x2 for SwiGLU)
-        hidden = _activate(hidden, self.activation)  # B, T/k, hidden
+        hidden = activate(hidden, self.activation)  # B, T/k, hidden
         return self.linear_out(hidden), stacked_mask  # B, T/k, hidden -> B, T/k, H
 
 
@@ -89,14 +90,14 @@ class ConvProjector(nn.Module):
         hidden = self.norm(frames) * mask.unsqueeze(-1).to(frames.dtype)  # B, T, D (padded frames -> 0)
         for conv, stride in zip(self.convs, self.strides, strict=True):
             hidden = conv(hidden.transpose(1, 2)).transpose(1, 2)  # B, T, C -> B, C, T -> B, ceil(T/s), C'
-            hidden = _activate(hidden, self.activation)  # B, T/s, C' -> B, T/s, hidden
+            hidden = activate(hidden, self.activation)  # B, T/s, C' -> B, T/s, hidden
             mask = stack_mask(mask, stride)  # B, T -> B, ceil(T/s)
             # The bias makes padded outputs non-zero; zero them so the next conv sees what a lone clip would.
             hidden = hidden * mask.unsqueeze(-1).to(hidden.dtype)  # B, T/s, hidden
         return self.linear_out(hidden), mask  # B, T/k, hidden -> B, T/k, H
 
 
-def _activate(hidden: torch.Tensor, activation: Activation) -> torch.Tensor:
+def activate(hidden: torch.Tensor, activation: Activation) -> torch.Tensor:
     """GELU, or SwiGLU on a [.., 2*h] input: silu(gate) * value -> [.., h]."""
     if activation is Activation.SWIGLU:
         gate, value = hidden.chunk(2, dim=-1)  # .., 2h -> .., h and .., h
@@ -123,6 +124,11 @@ Projector = StackMLPProjector | ConvProjector
 def build_projector(settings: ProjectorSettings, encoder_dim: int, lm_dim: int) -> Projector:
     """The projector `settings.kind` names, from encoder width to LM width."""
     kind = ProjectorKind(settings.kind)
+    if kind is ProjectorKind.POSTERIOR:
+        raise UserError(
+            "projector.kind=posterior: not a frame projector; build it with "
+            "cmkd.models.posterior_connector.build_posterior_connector (build_student does)"
+        )
     projector_class = StackMLPProjector if kind is ProjectorKind.STACK_MLP else ConvProjector
     return projector_class(
         encoder_dim, lm_dim, settings.stack, settings.hidden, Activation(settings.activation)
