@@ -375,5 +375,7 @@ def test_check_vocab(tiny_tokenizer: PreTrainedTokenizerFast) -> None:
 
 def test_build_student_routes_hf_speech_llms_and_names_a_missing_checkpoint() -> None:
     settings = StudentSettings(kind=StudentKind.QWEN2_AUDIO, hf_model="/models/qwen2-audio")
-    with pytest.raises(UserError, match="student.hf_model: /models/qwen2-audio is not a local checkpoint dir"):
+    with pytest.raises(
+        UserError, match="student.hf_model: /models/qwen2-audio is not a local checkpoint dir"
+    ):
         build_student(settings)

@@ -16,7 +16,9 @@ REQUESTS = [
 ]
 
 
-def test_batched_equals_one_by_one(tiny_lm: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast) -> None:
+def test_batched_equals_one_by_one(
+    tiny_lm: LlamaForCausalLM, tiny_tokenizer: PreTrainedTokenizerFast
+) -> None:
     batched = generate_batch(tiny_lm, tiny_tokenizer, REQUESTS, max_new_tokens=6)
     for request, target in zip(REQUESTS, batched, strict=True):
         (alone,) = generate_batch(tiny_lm, tiny_tokenizer, [request], max_new_tokens=6)
@@ -37,7 +39,9 @@ def test_topk_rows_equal_teacher_forced_pass(
         sequence = torch.tensor([prompt + target.response_ids])  # 1, P + n
         with torch.no_grad():
             logits = tiny_lm(sequence).logits[0]  # P + n, V
-        rows = logits[len(prompt) - 1 : len(prompt) - 1 + n_rows]  # n + 1, V: the positions that predict ŷ and eot
+        rows = logits[
+            len(prompt) - 1 : len(prompt) - 1 + n_rows
+        ]  # n + 1, V: the positions that predict ŷ and eot
         expected = teacher_topk(rows, 7, 2.0)
         assert torch.equal(target.topk.ids.long(), expected.ids.long())
         assert torch.allclose(target.topk.logprobs, expected.logprobs, atol=1e-4)
