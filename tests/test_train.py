@@ -213,3 +213,20 @@ def test_two_processes_match_one(tiny_run: dict[str, Path]) -> None:
     a, b = _final_weights(single), _final_weights(double)
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-4, rtol=0)
+
+
+def test_non_finite_loss_stops_naming_step_and_items(tiny_run: dict[str, Path]) -> None:
+    from cmkd.models.build import build_student
+
+    cfg = load_config(
+        TrainConfig,
+        None,
+        overrides(tiny_run, tiny_run["root"] / "nan", "train.steps=3", "train.save_every=1"),
+    )
+    student = build_student(cfg.student)
+    with torch.no_grad():
+        for param in student.projector.parameters():
+            param.fill_(float("nan"))  # a diverged connector: every speech position is NaN
+    with pytest.raises(UserError, match=r"non-finite loss at step 1, channel s2t, items \[q\d, q\d\]"):
+        run_training(cfg, cfg.run.out_dir, student=student, progress=False)
+    assert not (cfg.run.out_dir / "checkpoints" / "step-000001").exists()  # nothing bad was saved
