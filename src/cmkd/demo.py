@@ -231,7 +231,7 @@ def run_demo(out_dir: Path, *, quick: bool = False, ablations: bool = False) -> 
         + ", ".join(f"{k} {v / 60:.1f}" for k, v in timings.items())
         + f"; total {total / 60:.1f}"
     )
-    console.print(f"[bold]report:[/bold] {report.markdown}")
+    console.print(f"[bold]plots:[/bold] {', '.join(str(path) for path in report.plots)}")
     return 0
 
 
