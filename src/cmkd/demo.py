@@ -50,7 +50,7 @@ QUICK = DemoSizes(every=15, stage_a_steps=5, stage_b_steps=5, batch_size=4, eval
 
 CONNECTOR = ["student.projector.kind=posterior"]
 """The speech connector the demo trains: Whisper's posteriors bridged into SmolLM2's embeddings + a small residual.
-Measured on the held-out questions (benchmarks/results/connectors.md): agreement with the teacher 0.36 at
+Measured on the held-out questions (benchmarks/results/connectors.md): agreement with the teacher 0.37 at
 initialisation against 0.00 for a stack-8 frame projector, which learns the question type but not its content
 in a CPU budget. Its residual starts at zero and wants a small learning rate (train.lr below)."""
 
