@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from cmkd.errors import UserError
 from cmkd.models.build import build_student
-from cmkd.models.composable import META_FILE, WEIGHTS_FILE, ComposableSpeechLM
+from cmkd.models.checkpoint import META_FILE, WEIGHTS_FILE
+from cmkd.models.composable import ComposableSpeechLM
 from cmkd.models.encoder import WhisperSpeechEncoder
 from cmkd.models.posterior import (
     PosteriorFeatures,

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from cmkd.errors import UserError
 from cmkd.models.build import build_student, build_teacher
-from cmkd.models.composable import META_FILE, WEIGHTS_FILE, ComposableSpeechLM
+from cmkd.models.checkpoint import META_FILE, WEIGHTS_FILE
+from cmkd.models.composable import ComposableSpeechLM
 from cmkd.models.encoder import WhisperSpeechEncoder, load_whisper_encoder
 from cmkd.models.projector import build_projector
 from cmkd.models.speech_lm import IGNORE_INDEX, ChatFormat, LMOutput, Prompt, SpeechLM

@@ -17,7 +17,6 @@ trainable tensors; the frozen parts are named by source in a JSON beside them.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -29,6 +28,7 @@ from torch import nn
 
 from cmkd.config import to_dict
 from cmkd.errors import UserError
+from cmkd.models.checkpoint import load_trainable, save_trainable
 from cmkd.models.encoder import WhisperSpeechEncoder, pad_frames
 from cmkd.models.posterior import PosteriorFeatures, posterior_features
 from cmkd.models.posterior_connector import PosteriorConnector
@@ -41,9 +41,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "trainable.safetensors"
-META_FILE = "student.json"
-CHECKPOINT_FORMAT = 1
 _AUDIO_SLOT = -1
 """Stand-in id for an audio position while a batch of ids is assembled; replaced before the embedding lookup."""
 _POSTERIOR_MEMO: dict[tuple[str, ...], PosteriorFeatures] = {}
@@ -306,62 +303,26 @@ class ComposableSpeechLM(nn.Module):
 
     def save(self, directory: Path) -> Path:
         """Write only the trainable tensors (safetensors) plus a JSON naming the frozen parts and the settings."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: param.detach().cpu().contiguous() for name, param in self.trainable_parameters()}
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "kind": "composable",
-            "frozen_parts": dict(self.sources),
-            "settings": to_dict(self.settings),
-            "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
-        }
-        # Write both under temporary names first so a crash never leaves a half-written checkpoint in place.
-        weights_tmp, meta_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (META_FILE + ".tmp")
-        save_file(tensors, str(weights_tmp), metadata={"format": f"cmkd-student-{CHECKPOINT_FORMAT}"})
-        meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        weights_tmp.replace(directory / WEIGHTS_FILE)
-        meta_tmp.replace(directory / META_FILE)
-        return directory
+        return save_trainable(
+            directory,
+            self.trainable_parameters(),
+            kind="composable",
+            frozen_parts=dict(self.sources),
+            settings=to_dict(self.settings),
+        )
 
     def load(self, directory: Path) -> None:
         """Load trainable tensors saved by `save`, strictly: every key and shape must match this student."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        weights_path, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
-        if not weights_path.is_file() or not meta_path.is_file():
-            raise UserError(
-                f"checkpoint {directory}: needs {WEIGHTS_FILE} and {META_FILE} (written by a cmkd student)"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("kind") != "composable":
-            raise UserError(
-                f"checkpoint {directory}: holds a '{meta.get('kind')}' student, not a composable one"
-            )
-        saved = load_file(str(weights_path))
-        own = dict(self.trainable_parameters())
-        hint = _settings_difference(meta.get("settings", {}), to_dict(self.settings))
-        for name in sorted(own.keys() | saved.keys()):
-            if name not in saved:
-                raise UserError(f"checkpoint {directory}: key '{name}' is missing{hint}")
-            if name not in own:
-                raise UserError(
-                    f"checkpoint {directory}: key '{name}' is not a trainable tensor of this student{hint}"
-                )
-            if saved[name].shape != own[name].shape:
-                raise UserError(
-                    f"checkpoint {directory}: key '{name}' has shape {list(saved[name].shape)}, this student "
-                    f"{list(own[name].shape)}{hint}"
-                )
+        current = to_dict(self.settings)
+        meta = load_trainable(
+            directory,
+            self.trainable_parameters(),
+            kind="composable",
+            hint=lambda saved: _settings_difference(saved.get("settings", {}), current),
+        )
         if meta.get("frozen_parts") != self.sources:
             logger.warning("checkpoint %s was trained on frozen parts %s; loading into %s", directory,
                            meta.get("frozen_parts"), self.sources)  # fmt: skip
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(saved[name])
 
 
 def _settings_difference(saved: dict[str, Any], current: dict[str, Any]) -> str:

@@ -21,7 +21,6 @@ q_proj/v_proj too). Checkpoints hold only trainable tensors (safetensors), like 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -34,7 +33,7 @@ from torch import nn
 
 from cmkd.config import to_dict
 from cmkd.errors import UserError
-from cmkd.models.composable import CHECKPOINT_FORMAT, META_FILE, WEIGHTS_FILE
+from cmkd.models.checkpoint import load_trainable, save_trainable
 from cmkd.models.speech_lm import (
     SAMPLE_RATE,
     ChatFormat,
@@ -354,58 +353,28 @@ class HFSpeechLM(nn.Module):
 
     def save(self, directory: Path) -> Path:
         """Write only the trainable tensors (safetensors) plus a JSON naming the base model and the settings."""
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tensors = {name: param.detach().cpu().contiguous() for name, param in self.trainable_parameters()}
-        meta = {
-            "format": CHECKPOINT_FORMAT,
-            "kind": self.kind.value,
-            "frozen_parts": {"hf_model": self.source},
-            "settings": to_dict(self.settings),
-            "tensors": {name: list(tensor.shape) for name, tensor in tensors.items()},
-        }
-        # Temporary names first, so a crash never leaves a half-written checkpoint in place.
-        weights_tmp, meta_tmp = directory / (WEIGHTS_FILE + ".tmp"), directory / (META_FILE + ".tmp")
-        save_file(tensors, str(weights_tmp), metadata={"format": f"cmkd-student-{CHECKPOINT_FORMAT}"})
-        meta_tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
-        weights_tmp.replace(directory / WEIGHTS_FILE)
-        meta_tmp.replace(directory / META_FILE)
-        return directory
+        return save_trainable(
+            directory,
+            self.trainable_parameters(),
+            kind=self.kind.value,
+            frozen_parts={"hf_model": self.source},
+            settings=to_dict(self.settings),
+        )
 
     def load(self, directory: Path) -> None:
         """Load trainable tensors saved by `save`, strictly: every key and shape must match this student."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        weights_path, meta_path = directory / WEIGHTS_FILE, directory / META_FILE
-        if not weights_path.is_file() or not meta_path.is_file():
-            raise UserError(
-                f"checkpoint {directory}: needs {WEIGHTS_FILE} and {META_FILE} (written by a cmkd student)"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("kind") != self.kind.value:
-            raise UserError(
-                f"checkpoint {directory}: holds a '{meta.get('kind')}' student, not {self.kind.value}"
-            )
-        saved, own = load_file(str(weights_path)), dict(self.trainable_parameters())
-        hint = f" (saved with lm_mode {meta.get('settings', {}).get('lm_mode')}, this student: {self.lm_mode.value})"
-        for name in sorted(own.keys() | saved.keys()):
-            if name not in saved or name not in own:
-                where = "is missing" if name not in saved else "is not a trainable tensor of this student"
-                raise UserError(f"checkpoint {directory}: key '{name}' {where}{hint}")
-            if saved[name].shape != own[name].shape:
-                raise UserError(
-                    f"checkpoint {directory}: '{name}' has shape {list(saved[name].shape)}, this student "
-                    f"{list(own[name].shape)}{hint}"
-                )
+        mode = self.lm_mode.value
+        meta = load_trainable(
+            directory,
+            self.trainable_parameters(),
+            kind=self.kind.value,
+            hint=lambda saved: (
+                f" (saved with lm_mode {saved.get('settings', {}).get('lm_mode')}, this student: {mode})"
+            ),
+        )
         if meta.get("frozen_parts", {}).get("hf_model") != self.source:
             logger.warning("checkpoint %s was trained on %s; loading into %s", directory,
                            meta.get("frozen_parts"), self.source)  # fmt: skip
-        with torch.no_grad():
-            for name, param in own.items():
-                param.copy_(saved[name])
 
 
 def _load_parts(source: str, kind: StudentKind, dtype: torch.dtype) -> tuple[Any, Any, Any]:
