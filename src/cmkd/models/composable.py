@@ -187,7 +187,11 @@ class ComposableSpeechLM(nn.Module):
         with_audio = [index for index, prompt in enumerate(spoken) if prompt.audio is not None]
         keys = {index: self._posterior_key(spoken[index].audio, connector) for index in with_audio}
         decoded.update(
-            {index: _POSTERIOR_MEMO[keys[index]] for index in with_audio if keys[index] in _POSTERIOR_MEMO}
+            {
+                index: _POSTERIOR_MEMO[key]
+                for index, key in keys.items()
+                if key is not None and key in _POSTERIOR_MEMO
+            }
         )
         to_decode = [index for index in with_audio if index not in decoded]
         if to_decode:
@@ -195,8 +199,9 @@ class ComposableSpeechLM(nn.Module):
             posteriors = posterior_features(clips, self.encoder, connector.decoder, batch_size=len(clips))
             for index, features in zip(to_decode, posteriors, strict=True):
                 decoded[index] = features
-                if len(_POSTERIOR_MEMO) < _POSTERIOR_MEMO_SIZE:
-                    _POSTERIOR_MEMO[keys[index]] = features
+                key = keys[index]
+                if key is not None and len(_POSTERIOR_MEMO) < _POSTERIOR_MEMO_SIZE:
+                    _POSTERIOR_MEMO[key] = features
         for index, prompt in enumerate(spoken):
             cached = prompt.features
             if cached is not None:
@@ -209,15 +214,15 @@ class ComposableSpeechLM(nn.Module):
                 decoded[index] = PosteriorFeatures.from_packed(cached, connector.top_k)
         return connector([decoded[index] for index in range(len(spoken))])  # B_s, N, H and B_s, N
 
-    def _posterior_key(self, audio: Any, connector: PosteriorConnector) -> tuple[str, ...]:
-        """Whisper is frozen, so a clip's posteriors depend only on the clip, the weights and the decode settings."""
-        digest = hashlib.sha1(audio.tobytes()).hexdigest()
+    def _posterior_key(self, audio: Any, connector: PosteriorConnector) -> tuple[str, ...] | None:
+        """Whisper is frozen, so a clip's posteriors depend only on the clip, the weights and the decode settings.
+
+        None (no memo) when the weights have no stable name (built in memory: object ids are reused after garbage
+        collection) or when the encoder trains."""
         source = self.sources.get("encoder", "")
-        if self.settings.encoder_trainable:  # weights change as it trains: key on their version
-            version = sum(int(param._version) for param in self.encoder.parameters())
-            source = f"object-{id(self.encoder)}-{version}"
-        elif not source or source.startswith("<"):
-            source = f"object-{id(self.encoder)}"  # unnamed weights: share nothing across models
+        if self.settings.encoder_trainable or not source or source.startswith("<"):
+            return None
+        digest = hashlib.sha1(audio.tobytes()).hexdigest()
         return (source, repr(self.settings.projector), digest)
 
     def _assemble(
