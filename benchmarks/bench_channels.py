@@ -6,11 +6,11 @@ real step: the embedded default (SmolLM2-135M-Instruct teacher; student = Whispe
 SmolLM2 with LoRA), both channels on, online teacher, hibari speech for the S→T prompts.
 
 Both variants run `run_training` itself, each in a fresh process, interleaved over rounds. The loop's
-teacher-rows provider is wrapped (by replacing `cmkd.train.loop.build_teacher_rows` in the child process, the one
-seam the loop has for it) to time every call and count the response tokens it serves; the per-channel variant's
-wrapper calls the provider once per channel and hands the loop the last result, which is what a loop that
-fetched teacher rows inside its channel loop would compute. The provider's own counter (`TrainResult.teacher_
-examples`) counts the examples the teacher ran on. Step time = response tokens x channels / the loop's tokens/s;
+teacher-rows provider is wrapped (`bench_common.TimedTeacherRows`, installed through
+`cmkd.train.loop.build_teacher_rows` in the child process, the loop's one seam for it) to time every call and
+count the response tokens it serves; the per-channel variant's wrapper calls the provider once per channel and
+hands the loop the last result, which is what a loop that fetched teacher rows inside its channel loop would
+compute. The provider's own counter (`TrainResult.teacher_examples`) counts the examples the teacher ran on. Step time = response tokens x channels / the loop's tokens/s;
 the teacher's share = provider seconds / step seconds. Medians over every step but each run's first. Both
 variants see the same batches in the same order (same seed), so step i of round r of one is paired with step i of
 round r of the other; the median of those paired ratios is less exposed to slow and fast batches than a ratio of
@@ -23,39 +23,35 @@ medians.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bench_common import (
     RESULTS_DIR,
+    TimedRun,
     add_threads_argument,
     apply_threads,
     command_line,
     generated_line,
     load_average,
     machine_info,
-    peak_rss_bytes,
+    print_run,
     render_machine,
+    run_timed_training,
+    run_training_child,
     spread_questions,
     write_report,
 )
 
-from cmkd.config import load_config
 from cmkd.data.records import PairedRecord, SpeechClip, write_manifest
 from cmkd.data.teacher_targets import TeacherRequest, generate_targets
 from cmkd.data.tts import TTSJob, synthesize_many
 from cmkd.models.loading import load_causal_lm
-from cmkd.stage_configs import TeacherSettings, TrainConfig
-from cmkd.train.examples import TrainExample
+from cmkd.stage_configs import TeacherSettings
 
 MODEL = "smollm2"
 SYSTEM_PROMPT = TeacherSettings().system_prompt
@@ -100,102 +96,23 @@ def prepare_data(data_root: Path, n_questions: int, max_new_tokens: int) -> floa
     return statistics.mean(r.seconds for r in results)
 
 
-class TimedTeacherRows:
-    """The loop's teacher-rows provider, timed; `passes_per_call` > 1 re-runs it as a per-channel loop would."""
-
-    def __init__(self, provider: Any, passes_per_call: int) -> None:
-        self.provider = provider
-        self.passes_per_call = passes_per_call
-        self.seconds: list[float] = []  # per call (one call per micro-batch)
-        self.response_tokens: list[int] = []  # rows served per call: ŷ tokens + end of turn
-
-    @property
-    def counter(self) -> Any:
-        """The provider's own pass counter, which `run_training` reports as `teacher_examples`."""
-        return self.provider.counter
-
-    def __call__(self, examples: Sequence[TrainExample]) -> Any:
-        start = time.perf_counter()
-        for _ in range(self.passes_per_call):
-            rows = self.provider(examples)
-        self.seconds.append(time.perf_counter() - start)
-        self.response_tokens.append(sum(len(e.response_ids) + 1 for e in examples))
-        return rows
-
-
-@dataclass(frozen=True)
-class ChannelRun:
-    """What one training child reports."""
-
-    tokens_per_s: list[float]  # the loop's metric per optimizer step: response tokens x channels / step time
-    teacher_seconds: list[float]  # per step (grad_accum = 1: one provider call per step)
-    response_tokens: list[int]  # per step
-    teacher_examples: int  # the provider's counter over the run
-    teacher_calls: int  # provider calls by the loop (micro-batches)
-    peak_rss: int
-
-
 def child_train(variant: str, data_root: Path, out_dir: Path, steps: int, batch_size: int) -> None:
-    from cmkd.train import loop
-
-    wrappers: list[TimedTeacherRows] = []
-    build_teacher_rows = loop.build_teacher_rows
-
-    def timed_build_teacher_rows(cfg: TrainConfig, student: Any, teacher: Any = None) -> tuple[Any, int]:
-        provider, vocab_rows = build_teacher_rows(cfg, student, teacher)
-        wrappers.append(TimedTeacherRows(provider, PASSES_PER_CALL[variant]))
-        return wrappers[-1], vocab_rows
-
-    loop.build_teacher_rows = timed_build_teacher_rows  # this child process only
-    cfg = load_config(
-        TrainConfig,
-        None,
-        [
-            f"run.out_dir={out_dir}",
-            f"data.root={data_root}",
-            f"student.lm={MODEL}",
-            "student.lm_mode=lora",
-            f"teacher.model={MODEL}",
-            "train.teacher_source=online",
-            "train.text_to_text=true",
-            "train.speech_to_text=true",
-            f"train.steps={steps}",
-            f"train.batch_size={batch_size}",
-            "train.warmup_steps=0",
-            "train.log_every=1",
-            f"train.save_every={steps}",
-        ],
-    )
-    result = loop.run_training(cfg, out_dir, progress=False)
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    (wrapper,) = wrappers
-    run = ChannelRun(
-        tokens_per_s=[row["tokens_per_s"] for row in rows],
-        teacher_seconds=wrapper.seconds,
-        response_tokens=wrapper.response_tokens,
-        teacher_examples=result.teacher_examples,
-        teacher_calls=len(wrapper.seconds),
-        peak_rss=peak_rss_bytes(),
-    )
-    print(json.dumps(asdict(run)))
-
-
-def run_child(variant: str, data_root: Path, out_dir: Path, steps: int, batch_size: int) -> ChannelRun:
-    child = [
-        sys.executable,
-        __file__,
-        "--child",
-        variant,
-        str(data_root),
-        str(out_dir),
-        str(steps),
-        str(batch_size),
+    overrides = [
+        f"run.out_dir={out_dir}",
+        f"data.root={data_root}",
+        f"student.lm={MODEL}",
+        "student.lm_mode=lora",
+        f"teacher.model={MODEL}",
+        "train.teacher_source=online",
+        "train.text_to_text=true",
+        "train.speech_to_text=true",
+        f"train.steps={steps}",
+        f"train.batch_size={batch_size}",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        f"train.save_every={steps}",
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {variant} run failed:\n{done.stderr[-3000:]}")
-    return ChannelRun(**json.loads(done.stdout.strip().splitlines()[-1]))
+    print_run(run_timed_training(overrides, PASSES_PER_CALL[variant]))
 
 
 @dataclass
@@ -207,12 +124,9 @@ class StepTimes:
     teacher_examples: list[int] = field(default_factory=list)  # per run
     teacher_calls: list[int] = field(default_factory=list)  # per run
 
-    def add(self, run: ChannelRun) -> None:
-        for tokens_per_s, tokens, teacher in list(
-            zip(run.tokens_per_s, run.response_tokens, run.teacher_seconds, strict=True)
-        )[1:]:
-            self.step_seconds.append(tokens * len(CHANNELS) / tokens_per_s)
-            self.teacher_seconds.append(teacher)
+    def add(self, run: TimedRun) -> None:
+        self.step_seconds += run.step_seconds(len(CHANNELS))[1:]  # the first step pays one-off warm-up costs
+        self.teacher_seconds += run.teacher_seconds[1:]
         self.teacher_examples.append(run.teacher_examples)
         self.teacher_calls.append(run.teacher_calls)
 
@@ -301,7 +215,8 @@ def main() -> None:
         for round_index in range(args.rounds):
             for variant, entry in times.items():
                 out_dir = scratch / f"run-{variant}-{round_index}"
-                run = run_child(variant, data_root, out_dir, args.steps, args.batch_size)
+                child_args = [variant, str(data_root), str(out_dir), str(args.steps), str(args.batch_size)]
+                run = run_training_child(__file__, child_args, f"the {variant} run")
                 entry.add(run)
                 print(f"round {round_index + 1}: {variant:11s} tokens/s {', '.join(f'{v:.0f}' for v in run.tokens_per_s)}"
                       f"  teacher s {', '.join(f'{t:.2f}' for t in run.teacher_seconds)}  load {load_average()}",

@@ -23,9 +23,10 @@ Two students bracket the range, both SmolLM2 scoring the same ŷ after a differe
 
 Throughput: `run_training` itself (T→T only, LoRA, batch 8) in a fresh process per run, online and cached runs
 interleaved over rounds; tokens/s is the loop's own per-step metric (response tokens / step wall time, optimizer
-step included), median over the steps after the first.
+step included), median over the steps after the first. The teacher side is timed inside the same steps
+(`bench_common.TimedTeacherRows`), so the online teacher's share of a step is measured, not inferred.
 
-    python benchmarks/bench_teacher_cost.py                      # 48 questions, 2 rounds of 4 steps
+    python benchmarks/bench_teacher_cost.py                      # 48 questions, 3 rounds of 6 steps
     python benchmarks/bench_teacher_cost.py --rounds 0           # cache error and size only (about a minute)
     python benchmarks/bench_teacher_cost.py --questions 96 --rounds 3 --steps 8
 """
@@ -33,33 +34,32 @@ step included), median over the steps after the first.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from bench_common import (
     RESULTS_DIR,
+    TimedRun,
     add_threads_argument,
     apply_threads,
     command_line,
     generated_line,
     load_average,
     machine_info,
-    peak_rss_bytes,
+    print_run,
     render_machine,
+    run_timed_training,
+    run_training_child,
     spread_questions,
     write_report,
 )
 
-from cmkd.config import load_config
 from cmkd.data.logit_cache import CacheMeta, LogitCacheReader, LogitCacheWriter, tokenizer_hash
 from cmkd.data.records import PairedRecord, read_manifest, write_manifest
 from cmkd.data.teacher_targets import TeacherRequest, generate_targets
@@ -67,7 +67,7 @@ from cmkd.losses import TopKTeacher, check_aligned, gather_response_rows, kd_los
 from cmkd.models.loading import load_causal_lm
 from cmkd.models.speech_lm import Prompt
 from cmkd.models.teacher import TextTeacher
-from cmkd.stage_configs import CETarget, TeacherSettings, TrainConfig
+from cmkd.stage_configs import CETarget, TeacherSettings
 from cmkd.train.examples import TrainExample, build_examples
 from cmkd.train.setup import LOGIT_CACHE_DIR
 from cmkd.train.teacher_rows import CachedTeacherRows, OnlineTeacherRows
@@ -266,71 +266,43 @@ def cache_bytes(directory: Path, n_rows: int) -> tuple[int, float]:
 
 
 def child_train(source: str, data_root: Path, out_dir: Path, steps: int, batch_size: int) -> None:
-    """One `run_training` with the teacher online or cached; prints the loop's per-step metrics as JSON."""
-    from cmkd.train.loop import run_training
-
-    cfg = load_config(
-        TrainConfig,
-        None,
-        [
-            f"run.out_dir={out_dir}",
-            f"data.root={data_root}",
-            f"student.lm={TEACHER}",
-            "student.lm_mode=lora",
-            f"teacher.model={TEACHER}",
-            f"teacher.logits_top_k={TRAIN_K}",
-            f"loss.temperature={TEMPERATURE}",
-            f"train.teacher_source={source}",
-            "train.speech_to_text=false",
-            f"train.steps={steps}",
-            f"train.batch_size={batch_size}",
-            "train.warmup_steps=0",
-            "train.log_every=1",
-            f"train.save_every={steps}",
-        ],
-    )
-    result = run_training(cfg, out_dir, progress=False)
-    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
-    run = TrainRun([row["tokens_per_s"] for row in rows], result.teacher_examples, peak_rss_bytes())
-    print(json.dumps(asdict(run)))
-
-
-@dataclass(frozen=True)
-class TrainRun:
-    """What one training child reports."""
-
-    tokens_per_s: list[float]  # per optimizer step, in order
-    teacher_examples: int  # examples the teacher ran on (or were read from the cache)
-    peak_rss: int  # bytes, the whole process (models included)
+    """One `run_training` with the teacher online or cached; prints its TimedRun for the parent."""
+    overrides = [
+        f"run.out_dir={out_dir}",
+        f"data.root={data_root}",
+        f"student.lm={TEACHER}",
+        "student.lm_mode=lora",
+        f"teacher.model={TEACHER}",
+        f"teacher.logits_top_k={TRAIN_K}",
+        f"loss.temperature={TEMPERATURE}",
+        f"train.teacher_source={source}",
+        "train.speech_to_text=false",
+        f"train.steps={steps}",
+        f"train.batch_size={batch_size}",
+        "train.warmup_steps=0",
+        "train.log_every=1",
+        f"train.save_every={steps}",
+    ]
+    print_run(run_timed_training(overrides, passes_per_call=1))
 
 
 @dataclass
 class Throughput:
+    """Steps after each run's first, pooled over rounds in run order (so the two sources pair step by step)."""
+
     source: str
-    tokens_per_s: list[float] = field(default_factory=list)  # steps after the first, all rounds
-    teacher_examples: list[int] = field(default_factory=list)
-    peak_rss: list[int] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)
+    step_seconds: list[float] = field(default_factory=list)
+    teacher_seconds: list[float] = field(default_factory=list)  # the teacher pass, or the cache read
+    teacher_examples: list[int] = field(default_factory=list)  # per run
+    peak_rss: list[int] = field(default_factory=list)  # per run
 
-
-def run_train_child(
-    source: str, data_root: Path, scratch: Path, round_index: int, steps: int, batch_size: int
-) -> TrainRun:
-    out_dir = scratch / f"run-{source}-{round_index}"
-    child = [
-        sys.executable,
-        __file__,
-        "--child",
-        source,
-        str(data_root),
-        str(out_dir),
-        str(steps),
-        str(batch_size),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    done = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"training with the {source} teacher failed:\n{done.stderr[-3000:]}")
-    return TrainRun(**json.loads(done.stdout.strip().splitlines()[-1]))
+    def add(self, run: TimedRun) -> None:
+        self.tokens_per_s += run.tokens_per_s[1:]  # the first step pays one-off warm-up costs
+        self.step_seconds += run.step_seconds(channels=1)[1:]
+        self.teacher_seconds += run.teacher_seconds[1:]
+        self.teacher_examples.append(run.teacher_examples)
+        self.peak_rss.append(run.peak_rss)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,31 +312,45 @@ def run_train_child(
 
 def render_throughput(throughput: dict[str, Throughput], args: argparse.Namespace) -> list[str]:
     online, cached = throughput["online"], throughput["cache"]
-    speedup = statistics.median(cached.tokens_per_s) / statistics.median(online.tokens_per_s)
+    speedup = statistics.median(
+        base / step for base, step in zip(online.step_seconds, cached.step_seconds, strict=True)
+    )
     lines = [
         "## Training throughput (T→T, LoRA, the real loop)",
         "",
         f"`run_training`, batch {args.batch_size}, {args.steps} steps per run, {args.rounds} interleaved round(s),",
         "one fresh process per run; tokens/s = the loop's own metric (response tokens / step time, teacher pass and",
-        "optimizer step included), median over every step but each run's first.",
+        "optimizer step included); medians over every step but each run's first. Both sources see the same batches",
+        "in the same order, so the speed-up is the median of step-by-step ratios. Teacher s = the teacher pass (online)",
+        "or the cache read (cached) per step, timed around the loop's teacher-rows provider.",
         "",
-        "| teacher | tokens/s (median) | tokens/s (all steps) | speed-up | teacher examples per run | process peak "
-        "RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| teacher | tokens/s (median) | tokens/s (all steps) | speed-up (paired median) | teacher s per step "
+        "(median) | teacher share of step | teacher examples per run | process peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in (online, cached):
         values = ", ".join(f"{v:.1f}" for v in entry.tokens_per_s)
-        ratio = statistics.median(entry.tokens_per_s) / statistics.median(online.tokens_per_s)
+        ratio = statistics.median(
+            base / step for base, step in zip(online.step_seconds, entry.step_seconds, strict=True)
+        )
+        share = statistics.median(
+            t / s for t, s in zip(entry.teacher_seconds, entry.step_seconds, strict=True)
+        )
         label = (
             "online (teacher pass per micro-batch)" if entry.source == "online" else f"cached top-{TRAIN_K}"
         )
         lines.append(
             f"| {label} | {statistics.median(entry.tokens_per_s):.1f} | {values} | {ratio:.2f}x | "
+            f"{statistics.median(entry.teacher_seconds):.3f} | {share:.1%} | "
             f"{', '.join(map(str, entry.teacher_examples))} | {max(entry.peak_rss) / 2**20:,.0f} |"
         )
+    online_share = statistics.median(
+        t / s for t, s in zip(online.teacher_seconds, online.step_seconds, strict=True)
+    )
     lines += [
         "",
-        f"Target ≥ {TARGETS['speed-up']}x: {'met' if speedup >= TARGETS['speed-up'] else 'MISSED'} ({speedup:.2f}x).",
+        f"Target ≥ {TARGETS['speed-up']}x: {'met' if speedup >= TARGETS['speed-up'] else 'MISSED'} ({speedup:.2f}x). "
+        f"Removing the online teacher's {online_share:.0%} of a step alone would give {1 / (1 - online_share):.2f}x.",
         "",
     ]
     return lines
@@ -445,12 +431,12 @@ def main() -> None:
     parser.add_argument(
         "--ks", default="16,32,64,128,1024,4096", help=f"cache sizes to measure; must include {TRAIN_K}"
     )
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per training run")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per training run")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
     parser.add_argument(
         "--rounds",
         type=int,
-        default=2,
+        default=3,
         help="interleaved online/cached run pairs (0: cache error and size only)",
     )
     add_threads_argument(parser)
@@ -485,10 +471,10 @@ def main() -> None:
         throughput = {source: Throughput(source) for source in ("online", "cache")}
         for round_index in range(args.rounds):
             for source, entry in throughput.items():
-                run = run_train_child(source, data_root, scratch, round_index, args.steps, args.batch_size)
-                entry.tokens_per_s += run.tokens_per_s[1:]  # the first step pays one-off warm-up costs
-                entry.teacher_examples.append(run.teacher_examples)
-                entry.peak_rss.append(run.peak_rss)
+                out_dir = scratch / f"run-{source}-{round_index}"
+                child_args = [source, str(data_root), str(out_dir), str(args.steps), str(args.batch_size)]
+                run = run_training_child(__file__, child_args, f"training with the {source} teacher")
+                entry.add(run)
                 print(f"round {round_index + 1}: {source:6s} tokens/s {', '.join(f'{v:.0f}' for v in run.tokens_per_s)}  "
                       f"load {load_average()}", flush=True)  # fmt: skip
     report = render(throughput, kl_errors, sizes, n_rows, args, info, command, setup_seconds)
