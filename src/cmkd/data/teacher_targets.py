@@ -21,6 +21,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from cmkd.losses import TopKTeacher, teacher_topk
 from cmkd.models.loading import chat_prompt_ids
+from cmkd.models.speech_lm import ChatFormat, pad_sequences
 
 
 @dataclass(frozen=True)
@@ -40,29 +41,15 @@ class TeacherTarget:
 
 
 def end_of_turn_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> list[int]:
-    """Every id that ends an assistant turn: the tokenizer's eos, the generation config's, ChatML's `<|im_end|>`."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
+    """Every id that ends an assistant turn: the chat template's end of turn and eos (`ChatFormat.stop_ids`), plus
+    whatever the model's generation config adds."""
+    ids = set(ChatFormat(tokenizer).stop_ids)
     configured = getattr(model.generation_config, "eos_token_id", None)
     if isinstance(configured, int):
         ids.add(configured)
     elif configured:
         ids.update(int(i) for i in configured)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-        ids.add(im_end)
     return sorted(ids)
-
-
-def _left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)  # B, P
-    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)  # B, P
-    for row, sequence in enumerate(sequences):
-        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
-        attention_mask[row, width - len(sequence) :] = 1
-    return input_ids, attention_mask
 
 
 @torch.inference_mode()
@@ -79,9 +66,9 @@ def generate_batch(
 ) -> list[TeacherTarget]:
     """Generate ŷ for a batch of text questions (left-padded), with top-k log-probs at τ when `top_k > 0`."""
     stops = end_of_turn_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = ChatFormat(tokenizer).pad_id
     prompts = [chat_prompt_ids(tokenizer, r.prompt, r.system) for r in requests]
-    input_ids, attention_mask = _left_pad(prompts, pad_id)
+    input_ids, attention_mask = pad_sequences(prompts, pad_id, left_pad=True)  # B, P each
     output = model.generate(
         input_ids=input_ids.to(model.device),
         attention_mask=attention_mask.to(model.device),

@@ -301,8 +301,7 @@ class ComposableSpeechLM(nn.Module):
         temperature: float = 1.0,
     ) -> list[str]:
         """Answer text per prompt; text, audio and cached-feature prompts may be mixed in one batch."""
-        answers = self.generate_ids(prompts, max_new_tokens, do_sample, temperature)
-        return [text.strip() for text in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        return self.chat.decode_answers(self.generate_ids(prompts, max_new_tokens, do_sample, temperature))
 
     # -- checkpoints --------------------------------------------------------------------------------------------
 

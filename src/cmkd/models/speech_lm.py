@@ -231,6 +231,10 @@ class ChatFormat:
             **sampling,
         )
 
+    def decode_answers(self, answers: Sequence[Sequence[int]]) -> list[str]:
+        """Answer texts of trimmed generated ids, special tokens removed: what every `generate` returns."""
+        return [text.strip() for text in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+
     def trim_generated(self, token_ids: Sequence[int]) -> list[int]:
         """Generated ids up to (not including) the first stop or pad token."""
         stops = {*self.stop_ids, self.pad_id}

@@ -135,5 +135,4 @@ class TextTeacher:
         do_sample: bool = False,
         temperature: float = 1.0,
     ) -> list[str]:
-        answers = self.generate_ids(prompts, max_new_tokens, do_sample, temperature)
-        return [text.strip() for text in self.tokenizer.batch_decode(answers, skip_special_tokens=True)]
+        return self.chat.decode_answers(self.generate_ids(prompts, max_new_tokens, do_sample, temperature))
