@@ -82,6 +82,7 @@ def _prepare_config(data_root: Path, sizes: DemoSizes) -> PrepareConfig:
             "teacher.max_new_tokens=24",
             "teacher.logits_top_k=64",
             "teacher.logits_temperature=2.0",
+            "features.kind=posterior",  # the connector's input, decoded once by the ASR check (see CONNECTOR)
         ],
     )
 

@@ -32,6 +32,14 @@ class LMMode(StrEnum):
     FULL = "full"
 
 
+class FeatureKind(StrEnum):
+    """What the prepare stage caches per clip: encoder frames (frame projectors) or Whisper's decoded posteriors
+    (the posterior connector); a student reads the cache only when it was made for its own connector."""
+
+    FRAMES = "frames"
+    POSTERIOR = "posterior"
+
+
 class ProjectorKind(StrEnum):
     """Speech connector: stack k encoder frames then an MLP (ultravox style), a strided 1-D conv stack, or the
     speech model's per-token posteriors bridged into the LM's embedding space (carries words from step 0)."""
@@ -304,11 +312,26 @@ class FeatureSettings:
     """The frozen speech-encoder feature cache (prepare stage 6), so training and eval can skip the encoder."""
 
     enabled: bool = param(True, "Cache frozen speech-encoder features for every kept clip.")
+    kind: FeatureKind = param(
+        FeatureKind.FRAMES,
+        "frames: encoder frames (stack_mlp/conv projectors); posterior: Whisper's decoded top-k posteriors and "
+        "decoder states (the posterior connector), decoded once in the ASR check and reused.",
+    )
     encoder: str = param(
         "whisper-tiny.en", "Encoder whose frames are cached; must equal student.encoder of the training run."
     )
     dtype: DType = param(
-        DType.FLOAT32, "Storage precision; float32 keeps cached frames identical to the online encoder."
+        DType.FLOAT32,
+        "Storage precision; float32 keeps cached frames identical to the online encoder (posterior: float32 only).",
+    )
+    posterior_top_k: int = param(
+        8, "kind=posterior: must equal student.projector.posterior_top_k.", ge=1, le=256
+    )
+    posterior_max_tokens: int = param(
+        96, "kind=posterior: must equal student.projector.posterior_max_tokens.", ge=1, le=440
+    )
+    posterior_window_s: float = param(
+        10.0, "kind=posterior: must equal student.projector.posterior_window_s.", gt=0, le=30
     )
 
 
@@ -355,6 +378,15 @@ class PrepareConfig:
 
     def validate(self) -> None:
         parse_shard(self.shard)
+        features = self.features
+        if (
+            features.enabled
+            and features.kind is FeatureKind.POSTERIOR
+            and features.dtype is not DType.FLOAT32
+        ):
+            raise UserError(
+                f"features.dtype: kind=posterior stores token ids, which {features.dtype.value} rounds; use float32"
+            )
 
 
 @dataclass

@@ -30,7 +30,8 @@ from cmkd.data.jsonl_io import atomic_write_bytes, atomic_write_text
 from cmkd.data.records import check_relative_audio_path
 from cmkd.errors import UserError
 from cmkd.models.encoder import WhisperSpeechEncoder
-from cmkd.stage_configs import DType, FeatureSettings
+from cmkd.models.posterior import WhisperPosteriorDecoder
+from cmkd.stage_configs import DType, FeatureKind, FeatureSettings
 
 FEATURES_DIR = "features"
 _TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}
@@ -38,32 +39,65 @@ _TORCH_DTYPES = {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, D
 
 @dataclass(frozen=True)
 class FeatureMeta:
-    """What the cache was made with; a reader refuses a cache from other encoder weights."""
+    """What the cache was made with; a reader refuses a cache from other weights or other decode settings.
+
+    kind "frames": encoder frames [T_enc, D]. kind "posterior": Whisper's decoded posteriors packed as
+    [N_tokens, 2k + D_dec] (`PosteriorFeatures.packed`), with `decode` naming the decode settings."""
 
     encoder: str
     weights_hash: str
     dim: int
     dtype: str
     frames_per_second: float = 50.0
+    kind: str = FeatureKind.FRAMES.value
+    decode: str = ""
 
 
-def encoder_weights_hash(encoder: WhisperSpeechEncoder) -> str:
-    """A fingerprint of the encoder's weights (names, shapes, dtypes and bytes): two encoders that give the same
-    hash give the same features, whatever path or name they were loaded under."""
+def _weights_hash(*modules: torch.nn.Module) -> str:
+    """A fingerprint of weights (names, shapes, dtypes and bytes): modules that give the same hash give the same
+    features, whatever path or name they were loaded under."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.whisper.state_dict().items()):
-        values = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(f"{name}\t{tuple(tensor.shape)}\t{values.dtype}\n".encode())
-        digest.update(values.view(torch.uint8).numpy().tobytes())
+    for position, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            values = tensor.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{position}:{name}\t{tuple(tensor.shape)}\t{values.dtype}\n".encode())
+            digest.update(values.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
-def feature_meta(encoder: WhisperSpeechEncoder, settings: FeatureSettings) -> FeatureMeta:
+def encoder_weights_hash(encoder: WhisperSpeechEncoder) -> str:
+    return _weights_hash(encoder.whisper)
+
+
+def decode_tag(top_k: int, max_tokens: int, window_s: float) -> str:
+    """The posterior decode settings a cache was made with, as one comparable string."""
+    return f"top_k={top_k},max_tokens={max_tokens},window_s={window_s:g}"
+
+
+def feature_meta(
+    encoder: WhisperSpeechEncoder, settings: FeatureSettings, decoder: WhisperPosteriorDecoder | None = None
+) -> FeatureMeta:
+    """The meta of a cache made by `encoder` (+ `decoder` for kind=posterior) under `settings`."""
+    if settings.kind is FeatureKind.FRAMES:
+        return FeatureMeta(
+            encoder=settings.encoder,
+            weights_hash=encoder_weights_hash(encoder),
+            dim=encoder.hidden_size,
+            dtype=settings.dtype.value,
+        )
+    if decoder is None:
+        raise UserError("features.kind=posterior: the cache needs the Whisper decoder, none was given")
+    return posterior_meta(encoder, decoder, settings.encoder)
+
+
+def posterior_meta(encoder: WhisperSpeechEncoder, decoder: WhisperPosteriorDecoder, name: str) -> FeatureMeta:
     return FeatureMeta(
-        encoder=settings.encoder,
-        weights_hash=encoder_weights_hash(encoder),
-        dim=encoder.hidden_size,
-        dtype=settings.dtype.value,
+        encoder=name,
+        weights_hash=_weights_hash(encoder.whisper, decoder),
+        dim=2 * decoder.top_k + decoder.hidden_size,
+        dtype=DType.FLOAT32.value,
+        kind=FeatureKind.POSTERIOR.value,
+        decode=decode_tag(decoder.top_k, decoder.max_tokens, decoder.window_s),
     )
 
 
@@ -123,7 +157,7 @@ class FeatureCache:
             )
         self.meta = meta
         if expected is not None:
-            for name in ("weights_hash", "dim", "dtype"):
+            for name in ("kind", "decode", "weights_hash", "dim", "dtype"):
                 have, want = getattr(meta, name), getattr(expected, name)
                 if have != want:
                     raise UserError(
@@ -138,7 +172,7 @@ class FeatureCache:
         return self.path(audio_rel_path).is_file()
 
     def get(self, audio_rel_path: str) -> torch.Tensor:
-        """Frames [T_enc, D] of one clip, as float32."""
+        """Frames [T_enc, D] (kind=posterior: packed posteriors [N, 2k + D]) of one clip, as float32."""
         path = self.path(audio_rel_path)
         if not path.is_file():
             raise UserError(f"{audio_rel_path}: not in the feature cache ({path}); re-run `cmkd prepare`")

@@ -123,7 +123,7 @@ def run_prepare(
     backends: the models to use (default: the embedded ones), for tests and custom setups.
     """
     features = features if features is not None else FeatureSettings()
-    backends = backends if backends is not None else PrepareBackends()
+    backends = (backends if backends is not None else PrepareBackends()).resolved(features)
     console = Console(quiet=not progress, highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 120)  # a log file gets whole table cells, not "hibar…"

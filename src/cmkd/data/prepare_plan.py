@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from cmkd.data.audio import TARGET_SAMPLE_RATE
-from cmkd.data.features import FeatureSettings, feature_relpath
+from cmkd.data.features import FeatureSettings, decode_tag, feature_relpath
 from cmkd.data.jsonl_io import Reject
 from cmkd.data.prepare_work import WorkLog, file_sha256, fingerprint, reject_of
 from cmkd.data.records import PairedRecord, SpeechClip
 from cmkd.data.tts import clip_relpath
 from cmkd.errors import UserError
-from cmkd.stage_configs import PrepareConfig, TeacherSettings, TTSVoice
+from cmkd.stage_configs import FeatureKind, PrepareConfig, TeacherSettings, TTSVoice
 
 VOICE_SPLITS = ("all", "train", "heldout")
 TOPK_DIR_PREFIX = "teacher_topk-"
@@ -57,7 +57,10 @@ def asr_item_fp(asr_name: str, audio_sha256: str, text: str) -> str:
 
 
 def features_item_fp(settings: FeatureSettings, audio_sha256: str) -> str:
-    return fingerprint("features", settings.encoder, settings.dtype.value, audio_sha256)
+    if settings.kind is FeatureKind.FRAMES:
+        return fingerprint("features", settings.encoder, settings.dtype.value, audio_sha256)
+    decode = decode_tag(settings.posterior_top_k, settings.posterior_max_tokens, settings.posterior_window_s)
+    return fingerprint("features", settings.kind.value, decode, settings.encoder, audio_sha256)
 
 
 def effective_system(record: PairedRecord, settings: TeacherSettings) -> str | None:

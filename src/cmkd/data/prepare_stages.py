@@ -8,32 +8,38 @@ reused on the next run.
 
 Determinism, which makes a resumed run byte-identical to an uninterrupted one: teacher batches are fixed over the
 whole (shard's) item list, sorted by prompt length, and a batch with any unfinished item is regenerated whole, so
-every item is always generated in the same batch company; TTS output depends only on text and voice; features
-are computed one clip at a time.
+every item is always generated in the same batch company; TTS output depends only on text and voice; encoder
+frames are computed one clip at a time. Posterior features come from the ASR check's batched decode (each clip in
+its own masked window, so its result does not depend on its batch company beyond float rounding).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
 from rich.console import Console
 
 from cmkd.data.asr_check import ASRBackend, ASRClip, CT2WhisperASR, round_trip_check
 from cmkd.data.audio import load_audio
 from cmkd.data.features import (
     FEATURES_DIR,
+    FeatureMeta,
     FeatureSettings,
     encode_clip,
     feature_meta,
+    posterior_meta,
     read_feature_meta,
     write_clip_features,
     write_feature_meta,
 )
 from cmkd.data.logit_cache import CacheMeta, LogitCacheWriter, tokenizer_hash
+from cmkd.data.posterior_asr import PosteriorWhisperASR, posterior_asr_name
 from cmkd.data.prepare_plan import ClipPlan, ClipState, Judge, asr_item_fp, teacher_item_fp, topk_dir
 from cmkd.data.prepare_work import failed_row, file_sha256, ok_row, progress_bar
 from cmkd.data.records import PairedRecord
@@ -41,7 +47,7 @@ from cmkd.data.teacher_targets import TeacherRequest, TeacherTarget, generate_ta
 from cmkd.data.tts import TTSJob, make_backend, synthesize_many
 from cmkd.errors import UserError
 from cmkd.models.encoder import WhisperSpeechEncoder, load_whisper_encoder
-from cmkd.stage_configs import PrepareConfig, TTSVoice
+from cmkd.stage_configs import FeatureKind, PrepareConfig, TTSVoice
 
 # ---------------------------------------------------------------------------------------------------------------
 # The models, injectable
@@ -59,20 +65,43 @@ def load_teacher_model(cfg: PrepareConfig) -> tuple[Any, Any]:
 
 
 def make_ct2_asr() -> ASRBackend:
+    """The CTranslate2 recogniser (30 s windows, int8): pass `make_asr=make_ct2_asr, asr_name=CT2_ASR_NAME`."""
     return CT2WhisperASR(batch_size=8)
+
+
+CT2_ASR_NAME = "ct2-int8:whisper-tiny.en"
 
 
 @dataclass
 class PrepareBackends:
     """The models prepare runs, each built only when its stage has work. Tests inject tiny or fake ones.
 
-    `asr_name` enters the ASR fingerprint: a different recogniser re-checks every clip.
+    `make_asr` None: Whisper decoded by the posterior connector's decoder under the feature settings
+    (`PosteriorWhisperASR`), whose decodes the posterior feature cache reuses. `asr_name` enters the ASR
+    fingerprint: a different recogniser re-checks every clip.
     """
 
     load_teacher: Callable[[PrepareConfig], tuple[Any, Any]] = load_teacher_model
-    make_asr: Callable[[], ASRBackend] = make_ct2_asr
-    asr_name: str = "ct2-int8:whisper-tiny.en"
+    make_asr: Callable[[], ASRBackend] | None = None
+    asr_name: str = ""
     load_encoder: Callable[[str], WhisperSpeechEncoder] = load_whisper_encoder
+    make_posterior: Callable[[FeatureSettings], PosteriorWhisperASR] = PosteriorWhisperASR.for_features
+
+    def resolved(self, features: FeatureSettings) -> PrepareBackends:
+        """These backends with the default recogniser filled in."""
+        if self.make_asr is not None:
+            if not self.asr_name:
+                raise UserError(
+                    "PrepareBackends: a custom make_asr needs an asr_name (it enters fingerprints)"
+                )
+            return self
+        name = posterior_asr_name(
+            features.encoder,
+            features.posterior_top_k,
+            features.posterior_max_tokens,
+            features.posterior_window_s,
+        )
+        return replace(self, make_asr=lambda: self.make_posterior(features), asr_name=name)
 
 
 @dataclass
@@ -88,6 +117,7 @@ class StageContext:
     progress: bool
     console: Console
     generated: Counter[str] = field(default_factory=Counter)  # items computed by this run, per stage
+    asr: ASRBackend | None = None  # the recogniser, once the ASR stage has built it
 
 
 # Items per work-log append. Smaller chunks lose less to a kill; each append costs one fsync.
@@ -273,7 +303,8 @@ def run_asr(ctx: StageContext, plans: Sequence[ClipPlan]) -> None:
     if not todo:
         return
     ctx.console.print(f"asr: checking {len(todo)} clips ({ctx.backends.asr_name})")
-    asr = ctx.backends.make_asr()
+    assert ctx.backends.make_asr is not None, "run_prepare resolves the default recogniser"
+    asr = ctx.asr = ctx.backends.make_asr()
     log = ctx.judge.logs["asr"]
     with progress_bar(ctx.progress) as bar:
         task = bar.add_task("asr check", total=len(todo))
@@ -318,24 +349,43 @@ def _features_todo(ctx: StageContext, plans: Sequence[ClipPlan]) -> list[ClipSta
     ]
 
 
+def _feature_maker(
+    ctx: StageContext,
+) -> tuple[FeatureMeta, Callable[[list[np.ndarray]], list[torch.Tensor]]]:
+    """The cache's meta and a batch function clips -> per-clip tensors, for the configured kind."""
+    settings = ctx.features
+    if settings.kind is FeatureKind.POSTERIOR:
+        recogniser = ctx.asr
+        wanted = posterior_asr_name(
+            settings.encoder,
+            settings.posterior_top_k,
+            settings.posterior_max_tokens,
+            settings.posterior_window_s,
+        )
+        if not (isinstance(recogniser, PosteriorWhisperASR) and recogniser.name == wanted):
+            recogniser = ctx.backends.make_posterior(settings)
+        meta = posterior_meta(recogniser.encoder, recogniser.decoder, settings.encoder)
+        return meta, lambda clips: [features.packed() for features in recogniser.features(clips)]  # N, 2k + D
+    encoder = ctx.backends.load_encoder(settings.encoder)
+    return feature_meta(encoder, settings), lambda clips: [encode_clip(encoder, audio) for audio in clips]
+
+
 def run_features(ctx: StageContext, plans: Sequence[ClipPlan]) -> None:
     if not ctx.features.enabled:
         return
     todo = _features_todo(ctx, plans)
     if not todo:
         return
-    ctx.console.print(f"features: encoding {len(todo)} clips ({ctx.features.encoder})")
-    encoder = ctx.backends.load_encoder(ctx.features.encoder)
-    meta = feature_meta(encoder, ctx.features)
+    ctx.console.print(f"features: {ctx.features.kind.value} for {len(todo)} clips ({ctx.features.encoder})")
+    meta, compute = _feature_maker(ctx)
     existing = read_feature_meta(ctx.root)
-    if existing is not None and (existing.weights_hash, existing.dim, existing.dtype) != (
-        meta.weights_hash, meta.dim, meta.dtype,
-    ):  # fmt: skip
+    made_by = ("kind", "decode", "weights_hash", "dim", "dtype")
+    if existing is not None and any(getattr(existing, name) != getattr(meta, name) for name in made_by):
         if not ctx.cfg.run.overwrite:
             raise UserError(
-                f"{ctx.root / FEATURES_DIR}: made by encoder {existing.encoder!r} ({existing.weights_hash}, "
-                f"{existing.dtype}), this run uses {meta.encoder!r} ({meta.weights_hash}, {meta.dtype}); "
-                "pass --overwrite (run.overwrite=true) to rebuild it"
+                f"{ctx.root / FEATURES_DIR}: made by encoder {existing.encoder!r} ({existing.kind}, "
+                f"{existing.weights_hash}, {existing.dtype}), this run makes {meta.encoder!r} ({meta.kind}, "
+                f"{meta.weights_hash}, {meta.dtype}); pass --overwrite (run.overwrite=true) to rebuild it"
             )
         import shutil
 
@@ -346,27 +396,32 @@ def run_features(ctx: StageContext, plans: Sequence[ClipPlan]) -> None:
     with progress_bar(ctx.progress) as bar:
         task = bar.add_task("features", total=len(todo))
         for chunk in _chunks(todo, FEATURES_CHUNK):
-            rows = []
-            for state in chunk:
-                key, fp = state.plan.audio, state.features_fp
+            rows: dict[int, dict[str, Any]] = {}
+            loaded: dict[int, np.ndarray] = {}
+            for position, state in enumerate(chunk):
                 try:
-                    audio = load_audio(ctx.root / key, max_seconds=ctx.cfg.data.max_audio_seconds)
-                    frames = encode_clip(encoder, audio)  # T_enc, D
-                    write_clip_features(ctx.root, key, frames, ctx.features.dtype)
-                    rows.append(ok_row(key, fp, item_id=state.plan.item_id, frames=int(frames.shape[0])))
+                    loaded[position] = load_audio(
+                        ctx.root / state.plan.audio, max_seconds=ctx.cfg.data.max_audio_seconds
+                    )
                 except (
                     UserError
                 ) as error:  # this clip's audio is unusable (unreadable, too short or too long)
-                    rows.append(
-                        failed_row(
-                            key,
-                            fp,
-                            state.plan.item_id,
-                            "speech.audio",
-                            "feature extraction failed",
-                            str(error),
-                        )
-                    )
-            log.append(rows)
+                    rows[position] = failed_row(
+                        state.plan.audio, state.features_fp, state.plan.item_id, "speech.audio",
+                        "feature extraction failed", str(error),
+                    )  # fmt: skip
+            order = sorted(loaded)
+            for position, tensor in zip(order, compute([loaded[p] for p in order]), strict=True):
+                state = chunk[position]
+                write_clip_features(ctx.root, state.plan.audio, tensor, ctx.features.dtype)
+                rows[position] = ok_row(
+                    state.plan.audio,
+                    state.features_fp,
+                    item_id=state.plan.item_id,
+                    frames=int(tensor.shape[0]),
+                )
+            log.append([rows[position] for position in range(len(chunk))])
             ctx.generated["features"] += len(chunk)
             bar.advance(task, len(chunk))
+    if isinstance(ctx.asr, PosteriorWhisperASR):
+        ctx.asr.forget()

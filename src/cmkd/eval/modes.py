@@ -42,6 +42,7 @@ from cmkd.models.teacher import TextTeacher
 
 if TYPE_CHECKING:
     from cmkd.data.asr_check import ASRBackend
+    from cmkd.data.speech_inputs import SpeechInputs
 
 TEACHER, STUDENT = "teacher", "student"
 
@@ -197,6 +198,7 @@ class BatchContext:
     word_error_rate: Callable[[str, str], float] | None = None
     shared_vocab: bool = True
     teacher_forced: bool = True
+    speech: SpeechInputs | None = None  # the answer model's speech inputs (cached features or audio)
 
 
 _NO_PLAIN_HEAD = (UserError, AttributeError, NotImplementedError)
@@ -295,6 +297,12 @@ def _system(context: BatchContext, unit: WorkUnit) -> str:
     return own if own is not None else context.system_prompt
 
 
+def _clip_path_and_key(unit: WorkUnit) -> tuple[Path, str]:
+    """A speech unit's clip: its absolute path and its manifest path (the feature cache's key)."""
+    assert unit.audio_item is not None
+    return unit.audio_item.clip_path(unit.voice), unit.audio_item.clips()[unit.voice].audio
+
+
 def _load_clip(unit: WorkUnit, max_seconds: float) -> np.ndarray:
     assert unit.audio_item is not None
     return load_audio(unit.audio_item.clip_path(unit.voice), max_seconds=max_seconds)
@@ -324,6 +332,11 @@ def run_batch(context: BatchContext, units: Sequence[WorkUnit]) -> tuple[list[di
     elif mode.input is InputKind.ASR:
         transcripts = list(context.asr.transcribe(audio))
         prompts = [Prompt(_system(context, u), text=t) for u, t in zip(kept, transcripts, strict=True)]
+    elif context.speech is not None:
+        prompts = [
+            context.speech.prompt(_system(context, u), *_clip_path_and_key(u), audio=clip)
+            for u, clip in zip(kept, audio, strict=True)
+        ]
     else:
         prompts = [Prompt(_system(context, u), audio=clip) for u, clip in zip(kept, audio, strict=True)]
 

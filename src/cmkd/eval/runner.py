@@ -26,6 +26,7 @@ from rich.progress import (
 )
 
 from cmkd.data.jsonl_io import Reject, atomic_write_text, dumps_line
+from cmkd.data.speech_inputs import SpeechInputs
 from cmkd.errors import UserError
 from cmkd.eval.judge import JudgeClient, OpenAICompatibleJudge, judge_skip_reason
 from cmkd.eval.modes import (
@@ -88,6 +89,7 @@ class _Models:
             self._students["student"] = student
         self._asr = asr
         self._shared_vocab: bool | None = None
+        self._speech: dict[str, SpeechInputs] = {}
 
     @property
     def teacher(self) -> TextTeacher:
@@ -119,10 +121,19 @@ class _Models:
     @property
     def asr(self) -> ASRBackend:
         if self._asr is None:
-            from cmkd.data.asr_check import CT2WhisperASR
+            from cmkd.data.posterior_asr import PosteriorWhisperASR
 
-            self._asr = CT2WhisperASR(batch_size=self.cfg.eval.batch_size)
+            self._asr = PosteriorWhisperASR(batch_size=self.cfg.eval.batch_size)
         return self._asr
+
+    def speech_inputs(self, name: str, audio_root: Path | None) -> SpeechInputs:
+        """How model `name` reads clips under `audio_root`: the prepare-stage cache if it matches, else audio."""
+        if name not in self._speech:
+            from cmkd.data.audio import load_audio
+
+            model = self.model(name)
+            self._speech[name] = SpeechInputs.open(audio_root, model, load_audio, f"eval {name}")
+        return self._speech[name]
 
 
 def _check_extra_names(extra: Mapping[str, SpeechLM]) -> None:
@@ -275,6 +286,8 @@ def run_eval(
         Reject(item_id, f"speech/{voice}", "audio missing", why) for (item_id, voice), why in missing.items()
     ]
 
+    roots = {item.audio_root for item in suite.items}
+    audio_root = roots.pop() if len(roots) == 1 else None  # the feature cache lives under the data root
     models = _Models(cfg, teacher, student, extra, asr)
     answers = _TeacherAnswers(models)
     modes = plan_modes(
@@ -305,6 +318,11 @@ def run_eval(
                     word_error_rate=_word_error_rate() if mode.input is InputKind.ASR else None,
                     shared_vocab=models.shared_vocab(mode.model) if teacher_forced else False,
                     teacher_forced=teacher_forced,
+                    speech=(
+                        models.speech_inputs(mode.model, audio_root)
+                        if mode.input in (InputKind.SPEECH, InputKind.MISMATCHED)
+                        else None
+                    ),
                 )
                 skipped += _run_mode(mode, pending, items_file, context, cfg.eval.batch_size, bar)
                 done = items_file.load()

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from cmkd.data.records import PairedRecord, resolve_audio_path
+from cmkd.data.speech_inputs import SpeechInputs
 from cmkd.errors import UserError
 from cmkd.models.speech_lm import Prompt
 from cmkd.stage_configs import CETarget
@@ -34,30 +35,18 @@ class TrainExample:
     text: str
     audio_paths: tuple[Path, ...]  # every clip of the question, in manifest order
     response_ids: tuple[int, ...]  # without the end-of-turn token, which the models append
+    audio_keys: tuple[str, ...] = ()  # the same clips as manifest paths (the feature cache's keys)
 
     def text_prompt(self) -> Prompt:
         return Prompt(system=self.system, text=self.text)
 
-    def speech_prompt(self, seed: int, epoch: int, load_audio: AudioLoader) -> Prompt:
+    def speech_prompt(self, seed: int, epoch: int, speech: SpeechInputs) -> Prompt:
         """The clip for this epoch: a deterministic pick, so several voices rotate across epochs."""
         if not self.audio_paths:
             raise UserError(f"{self.item_id}/speech: no clip for the S→T channel")
         pick = zlib.crc32(f"{seed}:{epoch}:{self.item_id}".encode()) % len(self.audio_paths)
-        return Prompt(system=self.system, audio=load_audio(self.audio_paths[pick]))
-
-
-class AudioLoader:
-    """Reads 16 kHz clips once and keeps them: a few hundred short questions fit in memory many times over."""
-
-    def __init__(self) -> None:
-        self._cache: dict[Path, object] = {}
-
-    def __call__(self, path: Path):  # type: ignore[no-untyped-def]
-        from cmkd.data.audio import load_audio
-
-        if path not in self._cache:
-            self._cache[path] = load_audio(path)
-        return self._cache[path]
+        key = self.audio_keys[pick] if self.audio_keys else None
+        return speech.prompt(self.system, self.audio_paths[pick], key)
 
 
 def build_examples(
@@ -95,7 +84,10 @@ def build_examples(
         if need_speech and not audio_paths:
             without_speech.append(record.id)  # every clip failed the ASR check in prepare
             continue
-        examples.append(TrainExample(record.id, system, record.prompt, audio_paths, tuple(response_ids)))
+        keys = tuple(clip.audio for clip in record.speech)
+        examples.append(
+            TrainExample(record.id, system, record.prompt, audio_paths, tuple(response_ids), keys)
+        )
     if without_speech:
         logger.warning(
             "%d record(s) without any clip are left out of training (S→T is on): %s",

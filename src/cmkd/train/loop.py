@@ -26,10 +26,12 @@ from typing import Any
 import torch
 
 from cmkd.config import to_dict
+from cmkd.data.audio import load_audio
+from cmkd.data.speech_inputs import SpeechInputs
 from cmkd.errors import UserError
 from cmkd.losses import check_aligned, chunked_kd_loss, gather_response_rows, normalise
 from cmkd.stage_configs import LMMode, MixedPrecision, TrainConfig
-from cmkd.train.examples import AudioLoader, TrainExample, build_examples, micro_batches
+from cmkd.train.examples import TrainExample, build_examples, micro_batches
 from cmkd.train.metrics_log import MetricsLog, TrainProgress
 from cmkd.train.optim import build_optimizer, build_scheduler
 from cmkd.train.setup import build_teacher_rows, load_train_records
@@ -140,7 +142,9 @@ def run_training(
         logger.info("resuming from %s (step %d)", resume_from, state.step)
     metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process, resume_step=state.step)
     active_channels = channels(cfg)
-    audio = AudioLoader()
+    audio = SpeechInputs.open(
+        cfg.data.root if cfg.train.speech_to_text else None, student, load_audio, "train"
+    )
     started = time.monotonic() - state.elapsed_seconds
     last: dict[str, float] = {}
 
@@ -245,7 +249,7 @@ def _channel_loss(
     batch_examples: list[TrainExample],
     teacher_rows: Any,
     teacher_mask: torch.Tensor | None,
-    audio: AudioLoader,
+    audio: SpeechInputs,
     vocab_rows: int,
 ) -> Any:
     """One channel's summed CE + λ·τ²·divergence over the response rows of one micro-batch."""
