@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +181,31 @@ def test_training_from_the_frame_cache_equals_training_from_audio(
         rows = [json.loads(line) for line in (cfg.run.out_dir / "metrics.jsonl").read_text().splitlines()]
         losses[name] = np.array([row["loss"] for row in rows if "loss" in row])
     np.testing.assert_allclose(losses["cache"], losses["audio"], rtol=1e-4)
+
+
+def test_dry_run_counts_the_posterior_connector_like_a_built_one(
+    tmp_path: Path,
+    make_posterior_student: Any,  # noqa: F811
+    tiny_lm: Any,
+    posterior_whisper: Any,  # noqa: F811
+) -> None:
+    from cmkd.models.dry_run import Sharding, Strategy, dry_run
+    from cmkd.models.hf_students import AUDIO_ENCODER, LM, PROJECTOR
+
+    student = make_posterior_student(lm_mode="lora")
+    tiny_lm.config.save_pretrained(tmp_path / "lm")
+    posterior_whisper.config.save_pretrained(tmp_path / "whisper")
+    settings = replace(student.settings, lm=str(tmp_path / "lm"), encoder=str(tmp_path / "whisper"))
+    report = dry_run(
+        settings, settings.lm, Strategy(n_gpus=1, sharding=Sharding.DDP, seq_len=64, response_len=16)
+    )
+    trainable = sum(p.numel() for _, p in student.trainable_parameters())
+    assert report.trainable_params == trainable
+    assert report.part(PROJECTOR).params == sum(
+        p.numel() for p in student.projector.parameters() if p.requires_grad
+    )
+    whisper_params = sum(
+        p.numel() for p in posterior_whisper.parameters()
+    )  # encoder + decoder, tied head once
+    assert report.part(AUDIO_ENCODER).params == whisper_params
+    assert report.part(LM).trainable > 0

@@ -23,9 +23,12 @@ from cmkd.errors import UserError
 from cmkd.models.hf_students import AUDIO_ENCODER, FIXED_TABLES, LM, PROJECTOR, VISION, part_of
 from cmkd.models.memory_estimate import GIB, LMDims, MemoryEstimate, Sharding, Strategy, estimate_memory
 from cmkd.stage_configs import (
+    Activation,
     DType,
     LMMode,
     MixedPrecision,
+    ProjectorKind,
+    ProjectorSettings,
     StudentKind,
     StudentSettings,
     TeacherSource,
@@ -202,7 +205,7 @@ def _meta_student(settings: StudentSettings) -> _MetaStudent:
     """The student's modules on the meta device, and a map from parameter name to part."""
     from transformers import AutoModelForCausalLM, Qwen2_5OmniThinkerForConditionalGeneration
     from transformers import Qwen2AudioForConditionalGeneration as Qwen2Audio
-    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+    from transformers.models.whisper.modeling_whisper import WhisperDecoder, WhisperEncoder
 
     from cmkd.models.projector import build_projector
 
@@ -212,12 +215,17 @@ def _meta_student(settings: StudentSettings) -> _MetaStudent:
             resolve_config(settings.lm, "student.lm"),
             resolve_config(settings.encoder, "student.encoder"),
         )
+        posterior = ProjectorKind(settings.projector.kind) is ProjectorKind.POSTERIOR
         with torch.device("meta"):
             lm = AutoModelForCausalLM.from_config(lm_config)
-            encoder = WhisperEncoder(encoder_config)
-            projector = build_projector(
-                settings.projector, encoder_config.d_model, lm.get_input_embeddings().embedding_dim
-            )
+            lm_dim = lm.get_input_embeddings().embedding_dim
+            encoder: nn.Module = WhisperEncoder(encoder_config)
+            if posterior:  # the frozen Whisper decoder (+ tied output layer) decodes the posteriors
+                decoder = WhisperDecoder(encoder_config)
+                encoder = nn.ModuleDict({"encoder": encoder, "decoder": decoder})
+                projector = _posterior_residual(settings.projector, decoder.config.d_model, lm_dim)
+            else:
+                projector = build_projector(settings.projector, encoder_config.d_model, lm_dim)
         root = nn.ModuleDict({"encoder": encoder, "projector": projector, "lm": lm})
         by_prefix = {"encoder": AUDIO_ENCODER, "projector": PROJECTOR, "lm": LM}
         return _MetaStudent(
@@ -238,6 +246,21 @@ def _meta_student(settings: StudentSettings) -> _MetaStudent:
         model = model_class(config)
     return _MetaStudent(
         model, lambda name: part_of(kind, name), config.get_text_config(), config.audio_config
+    )
+
+
+def _posterior_residual(settings: ProjectorSettings, decoder_dim: int, lm_dim: int) -> nn.Module:
+    """The trainable part of `PosteriorConnector` (its bridge is a non-trainable buffer): the same layers, so the
+    counts match a built connector (tested)."""
+    first_out = (
+        2 * settings.hidden if Activation(settings.activation) is Activation.SWIGLU else settings.hidden
+    )
+    return nn.ModuleDict(
+        {
+            "norm": nn.LayerNorm(decoder_dim),
+            "linear_in": nn.Linear(decoder_dim, first_out),
+            "linear_out": nn.Linear(settings.hidden, lm_dim),
+        }
     )
 
 
