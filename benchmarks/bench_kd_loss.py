@@ -87,13 +87,13 @@ SHAPES = {
 }  # fmt: skip
 VARIANTS = {
     "naive": "naive: fp32 log-softmax of student and teacher over [B, T, V], then masked",
-    "cmkd": "cmkd: response rows, chunked_kd_loss (chunk_size 1024, the config default)",
-    "cmkd-chunk64": "cmkd: response rows, chunked_kd_loss (chunk_size 64)",
-    "cmkd-topk": f"cmkd: response rows, cached top-{TOP_K} teacher (sparse KL), chunk_size 1024",
+    "cmkd": "cmkd: response rows, chunked_kd_loss (chunk_size 64, the config default)",
+    "cmkd-chunk1024": "cmkd: response rows, chunked_kd_loss (chunk_size 1024, the default before 2026-11-22)",
+    "cmkd-topk": f"cmkd: response rows, cached top-{TOP_K} teacher (sparse KL), chunk_size 64",
 }
-CHUNK_SIZE = {"cmkd": 1024, "cmkd-chunk64": 64, "cmkd-topk": 1024}
+CHUNK_SIZE = {"cmkd": 64, "cmkd-chunk1024": 1024, "cmkd-topk": 64}
 DEFAULT_SHAPES = ("smollm2", "qwen2.5-7b")
-DEFAULT_VARIANTS = ("naive", "cmkd", "cmkd-chunk64")
+DEFAULT_VARIANTS = ("naive", "cmkd", "cmkd-chunk1024")
 # Every allocation of 1 MiB or more gets its own mapping, returned to the OS when freed, so RSS follows the live
 # tensors. glibc's default raises that threshold up to 32 MiB after the first large free, and freed [chunk, V]
 # tensors below it then stay in the heap: RSS would charge the chunked loss for memory it no longer holds.

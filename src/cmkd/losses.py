@@ -233,7 +233,7 @@ def chunked_kd_loss(
     divergence: Divergence | str = Divergence.FORWARD_KL,
     jsd_beta: float = 0.5,
     lm_head_bias: torch.Tensor | None = None,
-    chunk_size: int = 1024,
+    chunk_size: int = 64,
     ignore_index: int = IGNORE_INDEX,
 ) -> KDLossParts:
     """`kd_loss` from final hidden states, chunk_size rows at a time: [N, H], [V, H], [N], teacher -> parts.

@@ -57,7 +57,7 @@ class Strategy:
     response_len: int = 256  # response positions per example (the rows the losses read)
     lora_r: int | None = None  # None: student.lora.r
     chunked_kd: bool = True  # project response rows to logits chunk by chunk instead of a full [B, T, V]
-    kd_chunk_rows: int = 1024  # rows per chunk (loss.chunk_size)
+    kd_chunk_rows: int = 64  # rows per chunk (loss.chunk_size, whose default this is)
     teacher_online: bool = True  # False: teacher top-k logits come from the prepare-stage cache
     teacher_sharded: bool | None = None  # None: sharded exactly when the student's weights are
     gpu_memory_gib: float = 80.0
