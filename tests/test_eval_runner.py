@@ -159,6 +159,12 @@ def test_run_writes_items_and_scores_for_every_mode(
     assert set(scores["per_voice"]["score"]) == {"tts-a", "tts-b"}
     assert any(c["comparison"].startswith("student.text -> student.speech") for c in scores["comparisons"])
     assert "untrained" in scores["closure"]
+    agreement = scores["closure"]["untrained/agree"]
+    assert agreement["metric"] == "agree" and set(agreement["gaps"]) == {
+        "forgetting",
+        "modality_gap",
+        "total_gap",
+    }
     assert scores["modes"]["cascade.asr"]["wer"] is not None
     assert scores["modes"]["student.speech"]["voices"]["tts-a"]["n"] == 4
     assert scores["skipped_items"]["total"] == 0
@@ -453,3 +459,12 @@ def test_judge_subsets_without_a_judge_are_skipped_with_the_reason(
     cfg = make_config(tmp_path, tmp_path / "run2", suite="voicebench:commoneval", voicebench_dir=str(vb))
     with pytest.raises(UserError, match="no items to evaluate.*no judge configured"):
         run_eval(cfg, tmp_path / "run2", progress=False)
+
+
+def test_speech_only_extras_skip_their_text_mode() -> None:
+    from cmkd.eval.modes import plan_modes
+
+    names = [mode.name for mode in plan_modes(["stage_a", "untrained"], cascade=False, mismatched=False,
+                                              speech_only=["untrained"])]  # fmt: skip
+    assert "untrained.text" not in names and "untrained.speech" in names
+    assert {"stage_a.text", "stage_a.speech"} <= set(names)

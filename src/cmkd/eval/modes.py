@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,8 +67,13 @@ class ModeSpec:
         return self.input in (InputKind.SPEECH, InputKind.ASR)
 
 
-def plan_modes(extra_students: Sequence[str], *, cascade: bool, mismatched: bool) -> list[ModeSpec]:
-    """Modes in run order: the teacher first (its answers feed agreement and stand in for a missing ŷ)."""
+def plan_modes(
+    extra_students: Sequence[str], *, cascade: bool, mismatched: bool, speech_only: Collection[str] = ()
+) -> list[ModeSpec]:
+    """Modes in run order: the teacher first (its answers feed agreement and stand in for a missing ŷ).
+
+    `speech_only`: extra students asked only in speech (a control such as an untrained connector, whose text
+    answers are the base LM's, already measured)."""
     modes = [
         ModeSpec(f"{TEACHER}.text", TEACHER, InputKind.TEXT),
         ModeSpec(f"{STUDENT}.text", STUDENT, InputKind.TEXT),
@@ -79,10 +84,9 @@ def plan_modes(extra_students: Sequence[str], *, cascade: bool, mismatched: bool
     if mismatched:
         modes.append(ModeSpec(f"{STUDENT}.mismatched", STUDENT, InputKind.MISMATCHED))
     for name in extra_students:
-        modes += [
-            ModeSpec(f"{name}.text", name, InputKind.TEXT),
-            ModeSpec(f"{name}.speech", name, InputKind.SPEECH),
-        ]
+        if name not in speech_only:
+            modes.append(ModeSpec(f"{name}.text", name, InputKind.TEXT))
+        modes.append(ModeSpec(f"{name}.speech", name, InputKind.SPEECH))
     return modes
 
 

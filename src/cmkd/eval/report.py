@@ -240,7 +240,7 @@ def _closure_section(runs: Sequence[RunScores], across: dict[str, Any] | None) -
         ]
     lines: list[str] = []
     for title, block in blocks:
-        lines += [f"### {title} ({block['n_items']} items, `score`)", ""]
+        lines += [f"### {title} ({block['n_items']} items, `{block.get('metric', 'score')}`)", ""]
         lines += [
             *_table(
                 ["gap", "before", "after", "closed (before − after) [95% CI]", "relative"],

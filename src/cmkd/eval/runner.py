@@ -10,7 +10,7 @@ numbers (`cmkd.eval.summary` does the statistics).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -248,6 +248,7 @@ def run_eval(
     system_prompt: str | None = None,
     teacher_forced: bool = True,
     progress: bool = True,
+    speech_only: Collection[str] = (),
 ) -> EvalResult:
     """Evaluate the student (and `extra_students`) against the teacher on `cfg.eval.suite`; resumable.
 
@@ -255,7 +256,8 @@ def run_eval(
     `student.init_from`). `cascade` adds ASR -> teacher text (ASR: the embedded Whisper CTranslate2 unless given);
     `mismatched_audio` adds the control where each item is heard with another item's clip. `system_prompt`
     defaults to `cfg.teacher.system_prompt` (a record's own system prompt wins); `limit` keeps the first N items
-    (per VoiceBench file); `teacher_forced=False` skips the KL/NLL passes (models without `forward`, or speed).
+    (per VoiceBench file); `teacher_forced=False` skips the KL/NLL passes (models without `forward`, or speed);
+    `speech_only` names extra students asked in speech only (controls whose text answers are the base LM's).
     """
     extra = dict(extra_students or {})
     _check_extra_names(extra)
@@ -291,7 +293,10 @@ def run_eval(
     models = _Models(cfg, teacher, student, extra, asr)
     answers = _TeacherAnswers(models)
     modes = plan_modes(
-        list(extra), cascade=cascade and n_clips > 0, mismatched=mismatched_audio and n_clips > 0
+        list(extra),
+        cascade=cascade and n_clips > 0,
+        mismatched=mismatched_audio and n_clips > 0,
+        speech_only=speech_only,
     )
     items_dir = run_dir / ITEMS_DIR
     rows_by_mode: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}

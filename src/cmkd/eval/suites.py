@@ -28,7 +28,14 @@ from rich.progress import Progress
 
 from cmkd.config import StrEnum
 from cmkd.data.jsonl_io import ParseError, Reject, atomic_write_text, dumps_line, read_jsonl
-from cmkd.data.records import PairedRecord, SpeechClip, read_manifest, resolve_audio_path, write_manifest
+from cmkd.data.records import (
+    PairedRecord,
+    SpeechClip,
+    read_manifest,
+    resolve_audio_path,
+    resolve_manifest_path,
+    write_manifest,
+)
 from cmkd.data.sources import FlacAudioWriter, iter_parquet_rows, voicebench_row_to_record
 from cmkd.errors import UserError
 
@@ -290,7 +297,7 @@ def load_suite(
 
     `limit` keeps the first N items (per VoiceBench subset, or of the manifest): a quick smoke run."""
     if spec == "demo":
-        manifest = data_root / eval_manifest
+        manifest = resolve_manifest_path(data_root, eval_manifest, "data.eval_manifest")
         if not manifest.is_file():
             raise UserError(
                 f"eval.suite demo: held-out manifest '{manifest}' not found; run `cmkd prepare` first "

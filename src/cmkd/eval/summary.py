@@ -209,26 +209,32 @@ def _per_voice_gaps(
 def _closure(
     suite: Suite, rows_by_mode: Mapping[str, Rows], extras: Sequence[str], n_resamples: int, seed: int
 ) -> dict[str, Any]:
-    """How much the main student closed each gap relative to each extra student (before = extra, after = main)."""
+    """How much the main student closed each gap relative to each extra student (before = extra, after = main).
+
+    Keyed by the extra's name for the primary metric (`score`) and `<name>/agree` for agreement with the teacher's
+    answer: on a suite close to the training data, gold accuracy can rise while the student drifts away from the
+    teacher, and agreement is the metric that sees that drift (forgetting of the teacher's behaviour)."""
     result: dict[str, Any] = {}
     for name in extras:
         modes = (TEACHER_TEXT, f"{name}.text", f"{name}.speech", STUDENT_TEXT, STUDENT_SPEECH)
         if not all(rows_by_mode.get(mode) for mode in modes):
             continue
-        values = {mode: item_values(rows_by_mode[mode], "score") for mode in modes}
-        ids = tuple(item.id for item in suite.items if all(item.id in values[mode] for mode in modes))
-        if not ids:
-            continue
-        scores = {mode: ModeScores(mode, ids, tuple(values[mode][i] for i in ids)) for mode in modes}
-        before = GapScores(scores[TEACHER_TEXT], scores[f"{name}.text"], scores[f"{name}.speech"])
-        after = GapScores(scores[TEACHER_TEXT], scores[STUDENT_TEXT], scores[STUDENT_SPEECH])
-        closure = gap_closure(before, after, n_resamples=n_resamples, seed=seed)
-        result[name] = {
-            "before": name,
-            "after": STUDENT,
-            "n_items": len(ids),
-            "gaps": {gap: _as_dict(c) for gap, c in closure.items()},
-        }
+        for metric in ("score", "agree"):
+            values = {mode: item_values(rows_by_mode[mode], metric) for mode in modes}
+            ids = tuple(item.id for item in suite.items if all(item.id in values[mode] for mode in modes))
+            if not ids:
+                continue
+            scores = {mode: ModeScores(mode, ids, tuple(values[mode][i] for i in ids)) for mode in modes}
+            before = GapScores(scores[TEACHER_TEXT], scores[f"{name}.text"], scores[f"{name}.speech"])
+            after = GapScores(scores[TEACHER_TEXT], scores[STUDENT_TEXT], scores[STUDENT_SPEECH])
+            closure = gap_closure(before, after, n_resamples=n_resamples, seed=seed)
+            result[name if metric == "score" else f"{name}/{metric}"] = {
+                "before": name,
+                "after": STUDENT,
+                "metric": metric,
+                "n_items": len(ids),
+                "gaps": {gap: _as_dict(c) for gap, c in closure.items()},
+            }
     return result
 
 
