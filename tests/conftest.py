@@ -3,14 +3,19 @@
 No test may touch a model hub, so HF_HUB_OFFLINE is set before transformers is imported anywhere. Everything
 here is small enough to build per test in milliseconds, which keeps tests independent (a student that freezes or
 wraps an LM cannot leak into the next test). torch runs one thread: the CI box has two cores shared by jobs.
+
+Outbound network is blocked for every test (`_block_network`): cmkd must run offline unless a user configures an
+endpoint, so a test that reaches past loopback fails instead of quietly depending on the internet.
 """
 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import os
+import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -25,6 +30,77 @@ if TYPE_CHECKING:
     from cmkd.models.composable import ComposableSpeechLM
 
 torch.set_num_threads(1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# No network: loopback and Unix sockets only
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class NetworkBlockedError(ConnectionRefusedError):
+    """Raised for a connection past loopback; an OSError, so code that handles 'offline' sees an offline machine."""
+
+
+BLOCKED_CONNECTIONS: list[str] = []
+"""Every refused attempt of this session, so a test can prove the guard fired even where an OSError was caught."""
+
+
+def _loopback_host(host: Any) -> bool:
+    """True for loopback addresses and names (accelerate/torchrun and the judge tests use localhost)."""
+    text = host.decode() if isinstance(host, bytes) else str(host or "")
+    if text in ("", "localhost", "localhost.localdomain") or text.endswith(".localhost"):
+        return True
+    return _ip_literal(text) and ipaddress.ip_address(text.split("%", 1)[0]).is_loopback
+
+
+def _ip_literal(host: Any) -> bool:
+    text = host.decode() if isinstance(host, bytes) else str(host)
+    try:
+        ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def _check_address(family: Any, address: Any) -> None:
+    if family == getattr(socket, "AF_UNIX", object()) or not isinstance(address, tuple):
+        return  # Unix sockets (a path), and anything that is not an (host, port) address
+    if not _loopback_host(address[0]):
+        BLOCKED_CONNECTIONS.append(f"{address[0]}:{address[1] if len(address) > 1 else ''}")
+        raise NetworkBlockedError(f"tests run offline: connection to {address!r} blocked (loopback only)")
+
+
+@pytest.fixture(autouse=True)
+def _block_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refuse connections and name lookups past loopback for every test (socket.connect, connect_ex,
+    create_connection and getaddrinfo), so the suite proves cmkd needs no network at run time."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create_connection, real_getaddrinfo = socket.create_connection, socket.getaddrinfo
+
+    def connect(self: socket.socket, address: Any) -> None:
+        _check_address(self.family, address)
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: Any) -> int:
+        _check_address(self.family, address)
+        return real_connect_ex(self, address)
+
+    def create_connection(address: Any, *args: Any, **kwargs: Any) -> socket.socket:
+        _check_address(socket.AF_INET, address)
+        return real_create_connection(address, *args, **kwargs)
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        # An IP literal needs no lookup (connect() checks where it goes); a name past loopback is refused.
+        if not (_ip_literal(host) or _loopback_host(host)):
+            BLOCKED_CONNECTIONS.append(f"lookup {host}")
+            raise socket.gaierror(socket.EAI_NONAME, f"tests run offline: lookup of {host!r} blocked")
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(socket.socket, "connect_ex", connect_ex)
+    monkeypatch.setattr(socket, "create_connection", create_connection)
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

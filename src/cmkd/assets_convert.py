@@ -73,7 +73,9 @@ def _convert_smollm2(gguf_file: Path, out_dir: Path) -> None:
         raise RuntimeError("internal: the saved SmolLM2 tokenizer lost or changed its chat template")
     if reloaded_tokenizer(probe_text, add_special_tokens=False)["input_ids"] != probe_ids[0].tolist():
         raise RuntimeError("internal: the saved SmolLM2 tokenizer encodes the probe prompt differently")
-    reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32, local_files_only=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        out_dir, dtype=torch.float32, local_files_only=True, use_safetensors=True
+    )
     with torch.inference_mode():
         reloaded_logits = reloaded.eval()(probe_ids).logits
     if not torch.equal(reloaded_logits, expected_logits):

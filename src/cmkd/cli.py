@@ -1,6 +1,6 @@
 """`cmkd`: thin subcommands over the library. Parsing and error reporting live here; the work does not.
 
-Exit codes: 0 success, 2 a user error (bad config, missing file, bad input: one line on stderr), 1 a bug.
+Exit codes: 0 success, 2 a user error (bad config, missing file, bad input, a full disk: one line on stderr), 1 a bug.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cmkd.config import describe, load_config, save_config
-from cmkd.errors import UserError
+from cmkd.errors import UserError, disk_full
 from cmkd.stage_configs import STAGES
 
 
@@ -284,11 +284,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(ns.func(ns) or 0)
     except UserError as err:
-        print(f"cmkd: error: {err}", file=sys.stderr)
+        print(f"cmkd: error: {_one_line(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cmkd: interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        full = disk_full(err)
+        if not full:
+            raise  # a bug in cmkd: the traceback is what a report needs
+        where = f" writing '{full.filename}'" if isinstance(full, OSError) and full.filename else ""
+        print(
+            f"cmkd: error: no space left on device{where}; what was finished is kept: free some space and "
+            "re-run the same command to resume",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _one_line(message: str) -> str:
+    """A message from a library (transformers, libsndfile) may span lines; the CLI promises one."""
+    return " | ".join(line.strip() for line in message.splitlines() if line.strip())
 
 
 if __name__ == "__main__":

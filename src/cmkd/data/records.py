@@ -87,6 +87,17 @@ def resolve_audio_path(root: str | Path, rel: str, item_id: str = "audio") -> Pa
     return candidate
 
 
+def resolve_manifest_path(root: str | Path, name: str, key: str) -> Path:
+    """`root / name` for a manifest named in the config; UserError naming `key` if a symlink leads out of the root
+    (absolute names and '..' are refused when the config is loaded, `DataSettings.validate`)."""
+    root_resolved = Path(root).resolve()
+    if not (root_resolved / name).resolve().is_relative_to(root_resolved):
+        raise UserError(
+            f"{key}: '{name}' resolves outside data.root '{root}' (a symlink?); refusing to read it"
+        )
+    return Path(root) / name
+
+
 @dataclass
 class SpeechClip:
     """One spoken rendition of the prompt: a file under the data root plus who or what spoke it."""

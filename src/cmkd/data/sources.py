@@ -197,12 +197,27 @@ class AudioDecodeError(ValueError):
     """Embedded audio bytes are not decodable audio."""
 
 
-def decode_audio(data: bytes, target_sr: int = SAMPLE_RATE) -> np.ndarray:
+class AudioTooLongError(AudioDecodeError):
+    """The header says the clip is longer than allowed; raised before decoding, so hours of audio are not read."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"{seconds:.1f} s")
+        self.seconds = seconds
+
+
+def decode_audio(data: bytes, target_sr: int = SAMPLE_RATE, max_seconds: float | None = None) -> np.ndarray:
     """Decode WAV/FLAC/OGG (whatever libsndfile reads) to mono float32 at `target_sr`."""
     try:
-        samples, sr = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        with sf.SoundFile(io.BytesIO(data)) as audio_file:
+            sr = int(audio_file.samplerate)
+            if max_seconds is not None and sr > 0 and audio_file.frames / sr > max_seconds:
+                raise AudioTooLongError(audio_file.frames / sr)
+            samples = audio_file.read(dtype="float32", always_2d=True)  # frames, channels
+    except AudioTooLongError:
+        raise
     except (sf.LibsndfileError, RuntimeError, ValueError, TypeError) as err:
-        raise AudioDecodeError(str(err)) from None
+        # libsndfile's own words, without the repr of our in-memory buffer that str(err) starts with
+        raise AudioDecodeError(getattr(err, "error_string", None) or str(err)) from None
     if samples.size == 0:
         raise AudioDecodeError("no samples")
     mono = samples.mean(axis=1)
@@ -263,7 +278,9 @@ def voicebench_row_to_record(
     if not isinstance(data, bytes | bytearray) or not data:
         return Reject(item_id, "audio", "missing audio", "no embedded bytes in the audio column")
     try:
-        samples = decode_audio(bytes(data))
+        samples = decode_audio(bytes(data), max_seconds=max_seconds)
+    except AudioTooLongError as err:
+        return Reject(item_id, "audio", "audio too long", f"{err.seconds:.1f} s > {max_seconds} s")
     except AudioDecodeError as err:
         return Reject(item_id, "audio", "corrupt audio", str(err)[:200])
     seconds = len(samples) / SAMPLE_RATE

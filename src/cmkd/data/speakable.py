@@ -7,7 +7,7 @@ text. A TTS engine reads "42 km" or "e.g." in its own way (or not at all), so we
 teacher reads it, the TTS speaks it, the ASR check compares against it. The original is kept in
 `meta["original_prompt"]` for reference only.
 
-What cannot be spoken faithfully is rejected with a reason instead of being mangled: code, URLs, emails, markdown
+What cannot be spoken faithfully is rejected with a reason instead of being mangled: code (fenced or not), URLs, emails, markdown
 tables, LaTeX, markup, numeric dates (their reading is ambiguous), non-Latin scripts (the default voices are
 English), text that is too long, empty after cleaning, or mostly symbols/emoji.
 
@@ -145,6 +145,14 @@ def fraction_to_words(numerator: int, denominator: int) -> str:
 _REFUSALS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("code block", re.compile(r"```|~~~")),
     ("inline code", re.compile(r"`[^`\n]+`")),
+    (  # unfenced code: a def/class/import/return line, `x ** 2`, `print(...)`; case-sensitive, as code is
+        "code",
+        re.compile(
+            r"^\s*(?:def|class)\s+\w+\s*[(:]|^\s*(?:import\s+[\w.]+(?:\s+as\s+\w+)?\s*$|from\s+[\w.]+\s+import\s)"
+            r"|^\s*return\s+\S|[A-Za-z_]\w*\s+\*\*\s+\w|\w\*\*\w|\b(?:print|range|len)\([^()\n]*\)",
+            re.M,
+        ),
+    ),
     ("email address", re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b")),
     (
         "url",

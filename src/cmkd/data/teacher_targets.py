@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from cmkd.errors import UserError
 from cmkd.losses import TopKTeacher, teacher_topk
 from cmkd.models.loading import chat_prompt_ids
 from cmkd.models.speech_lm import ChatFormat, pad_sequences
@@ -121,6 +122,11 @@ def generate_targets(
 
     Sampling is seeded per batch from (seed, first item id), so a resumed run samples what it would have.
     """
+    head = getattr(model, "get_output_embeddings", lambda: None)()
+    if top_k > 0 and head is not None and top_k > head.weight.shape[0]:
+        raise UserError(
+            f"teacher.logits_top_k: {top_k} is more than the teacher's vocabulary ({head.weight.shape[0]} tokens)"
+        )
     order = sorted(range(len(requests)), key=lambda i: len(requests[i].prompt))
     for start in range(0, len(order), batch_size):
         batch = [requests[i] for i in order[start : start + batch_size]]

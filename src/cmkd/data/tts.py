@@ -36,7 +36,7 @@ from rich.progress import (
 from cmkd.data.audio import TARGET_SAMPLE_RATE, duration_seconds, is_valid_audio, resample, write_flac
 from cmkd.data.jsonl_io import Reject
 from cmkd.data.tts_backends import CommandBackend, EspeakBackend, HibariBackend
-from cmkd.errors import UserError
+from cmkd.errors import UserError, disk_full
 
 __all__ = [
     "CommandBackend",
@@ -171,6 +171,8 @@ def _run_job(job: TTSJob, backends: _Backends) -> TTSResult:
         write_flac(job.out_path, audio_16k, TARGET_SAMPLE_RATE)
         return TTSResult(job.item_id, job.voice, job.out_path, audio_16k.size / TARGET_SAMPLE_RATE, None)
     except Exception as error:
+        if disk_full(error):  # not this item's fault: stop the stage instead of rejecting every clip
+            raise
         return TTSResult(job.item_id, job.voice, None, 0.0, f"{type(error).__name__}: {error}")
 
 
@@ -280,6 +282,8 @@ def _run_in_pool(
             try:
                 results[index] = future.result()
             except Exception as error:  # BrokenProcessPool (a worker died), pickling errors, ...
+                if disk_full(error):
+                    raise
                 error_text = f"{type(error).__name__}: {error}"
                 results[index] = TTSResult(job.item_id, job.voice, None, 0.0, error_text)
             on_done()

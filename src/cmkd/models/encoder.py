@@ -79,7 +79,11 @@ class WhisperSpeechEncoder(nn.Module):
         if config.model_type != "whisper":
             raise UserError(f"student.encoder: {directory} holds a '{config.model_type}' model, not Whisper")
         # WhisperModel drops the ForConditionalGeneration head; the decoder is freed right after.
-        whisper_encoder = WhisperModel.from_pretrained(directory, dtype=torch.float32).get_encoder()
+        try:  # safetensors only: a pickled pytorch_model.bin can run code when it is loaded
+            whisper = WhisperModel.from_pretrained(directory, dtype=torch.float32, use_safetensors=True)
+        except (OSError, ValueError) as error:
+            raise UserError(f"student.encoder: could not load {directory} ({error})") from None
+        whisper_encoder = whisper.get_encoder()
         if (directory / "preprocessor_config.json").is_file():
             feature_extractor = WhisperFeatureExtractor.from_pretrained(directory)
         else:

@@ -397,7 +397,7 @@ def _load_parts(source: str, kind: StudentKind, dtype: torch.dtype) -> tuple[Any
         tokenizer = AutoTokenizer.from_pretrained(location)
         feature_extractor = WhisperFeatureExtractor.from_pretrained(location)
         # A full Qwen2.5-Omni checkpoint loads as its thinker alone (the talker and token2wav are skipped).
-        model = model_class.from_pretrained(location, dtype=dtype)
+        model = model_class.from_pretrained(location, dtype=dtype, use_safetensors=True)
     except (OSError, ValueError) as error:
         raise UserError(f"student.hf_model: could not load {source} ({error})") from error
     tokenizer.padding_side = "left"

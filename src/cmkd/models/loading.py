@@ -99,9 +99,9 @@ def _load_model(
 ) -> PreTrainedModel:
     from transformers import AutoModelForCausalLM
 
-    try:
+    try:  # safetensors only: a pickled pytorch_model.bin can run code when it is loaded
         return AutoModelForCausalLM.from_pretrained(
-            location, dtype=dtype, trust_remote_code=trust_remote_code
+            location, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     except (OSError, ValueError) as error:
         raise UserError(f"{name}: could not load a causal LM ({error})") from error
@@ -137,6 +137,10 @@ def load_causal_lm(
     HF_HUB_OFFLINE is not set. `trust_remote_code` is passed on only for checkpoint dirs and hub ids, and only
     when the user asked for it explicitly, because it runs code shipped with the model."""
     name = str(source)
+    if trust_remote_code:
+        logger.warning(
+            "%s: run.trust_remote_code is on: transformers may run Python code shipped with this model", name
+        )
     if isinstance(source, str) and source.strip().lower() in EMBEDDED_MODEL_NAMES:
         from cmkd import assets
 

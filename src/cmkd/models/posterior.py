@@ -338,7 +338,12 @@ def load_whisper_with_tokenizer(
         directory = Path(source).expanduser()
     if not (directory / "config.json").is_file():
         raise UserError(f"student.encoder: {directory} is not a Whisper checkpoint dir (no config.json)")
-    model = WhisperForConditionalGeneration.from_pretrained(directory, dtype=torch.float32).eval()
+    try:  # safetensors only: a pickled pytorch_model.bin can run code when it is loaded
+        model = WhisperForConditionalGeneration.from_pretrained(
+            directory, dtype=torch.float32, use_safetensors=True
+        ).eval()
+    except (OSError, ValueError) as error:
+        raise UserError(f"student.encoder: could not load {directory} ({error})") from None
     return model, AutoTokenizer.from_pretrained(directory)
 
 

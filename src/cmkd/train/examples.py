@@ -46,7 +46,10 @@ class TrainExample:
             raise UserError(f"{self.item_id}/speech: no clip for the S→T channel")
         pick = zlib.crc32(f"{seed}:{epoch}:{self.item_id}".encode()) % len(self.audio_paths)
         key = self.audio_keys[pick] if self.audio_keys else None
-        return speech.prompt(self.system, self.audio_paths[pick], key)
+        try:
+            return speech.prompt(self.system, self.audio_paths[pick], key)
+        except UserError as err:  # the reader names the file; the user also needs the record and the field
+            raise UserError(f"{self.item_id}/speech.audio: {err}") from None
 
 
 def build_examples(

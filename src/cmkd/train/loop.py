@@ -14,6 +14,7 @@ Per optimizer step, on every rank:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -143,7 +144,10 @@ def run_training(
     metrics = MetricsLog(run_dir, enabled=accelerator.is_main_process, resume_step=state.step)
     active_channels = channels(cfg)
     audio = SpeechInputs.open(
-        cfg.data.root if cfg.train.speech_to_text else None, student, load_audio, "train"
+        cfg.data.root if cfg.train.speech_to_text else None,
+        student,
+        functools.partial(load_audio, max_seconds=cfg.data.max_audio_seconds),
+        "train",
     )
     started = time.monotonic() - state.elapsed_seconds
     last: dict[str, float] = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from cmkd.data.logit_cache import CacheMeta, LogitCacheReader, read_meta, tokenizer_hash
-from cmkd.data.records import PairedRecord, read_manifest
+from cmkd.data.records import PairedRecord, read_manifest, resolve_manifest_path
 from cmkd.errors import UserError
 from cmkd.models.vocab import check_vocab
 from cmkd.stage_configs import CETarget, TeacherSource, TrainConfig
@@ -20,7 +20,7 @@ LOGIT_CACHE_DIR = "teacher_logits"
 
 
 def load_train_records(cfg: TrainConfig) -> list[PairedRecord]:
-    path = cfg.data.root / cfg.data.train_manifest
+    path = resolve_manifest_path(cfg.data.root, cfg.data.train_manifest, "data.train_manifest")
     if not path.is_file():
         raise UserError(f"data.train_manifest: '{path}' not found; run `cmkd prepare` first")
     return read_manifest(path)

@@ -71,7 +71,9 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "rng": rng_state(),
     }
-    torch.save(payload, staging / STATE_FILE)
+    # Through a Python file object, so a full disk surfaces as the OSError behind torch's RuntimeError.
+    with open(staging / STATE_FILE, "wb") as handle:
+        torch.save(payload, handle)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(staging, final)
     _write_latest(checkpoints_dir, final.name)

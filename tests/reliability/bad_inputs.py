@@ -1,0 +1,380 @@
+"""The bad-input case list, what each case must produce, and the table in docs/bad-input.md rendered from what the
+tests observed (not from what we hoped): one list drives both, so the README table cannot drift from the code.
+
+Outcomes: `exit 2` (the CLI prints one `cmkd: error:` line naming the item and field), `reject` (a batch stage
+records the item in rejects.jsonl and goes on), `skip` (eval records it in items/skipped.jsonl and goes on),
+`accepted` (the input is valid and converted, e.g. stereo 48 kHz audio becomes 16 kHz mono).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from .harness import record
+
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "bad-input.md"
+WRITE_DOC_ENV = "CMKD_WRITE_BAD_INPUT_DOC"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input. `names`: what the message must mention (the item and the field, or the config key).
+
+    `payload` is what the group's runner feeds in: a source line (text source), an audio kind (audio source, eval
+    audio), or command arguments after a setup recipe's name (the CLI groups)."""
+
+    name: str
+    group: str
+    input: str
+    outcome: str
+    names: tuple[str, ...]
+    payload: object = None
+
+
+@dataclass(frozen=True)
+class Observation:
+    outcome: str
+    message: str
+
+
+OBSERVED: dict[str, Observation] = {}
+
+
+def observe(case: Case, outcome: str, message: str) -> None:
+    """Record what cmkd did with `case` (for the doc and the summary) and check it is what the case expects."""
+    record(inputs=1)
+    OBSERVED[case.name] = Observation(outcome, normalise_message(message))
+    assert outcome == case.outcome, f"{case.name}: expected {case.outcome}, got {outcome}: {message}"
+    assert "\n" not in message.strip(), f"{case.name}: the message spans lines: {message!r}"
+    for name in case.names:
+        assert name in message, f"{case.name}: the message does not name {name!r}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Audio the cases use
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def tone(seconds: float, sr: int = 16_000, channels: int = 1) -> np.ndarray:
+    time = np.arange(round(seconds * sr)) / sr
+    wave = (0.3 * np.sin(2 * np.pi * 220 * time)).astype(np.float32)
+    return np.stack([wave, 0.5 * wave], axis=1) if channels == 2 else wave
+
+
+def wav_bytes(audio: np.ndarray, sr: int = 16_000, subtype: str = "PCM_16") -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, sr, format="WAV", subtype=subtype)
+    return buffer.getvalue()
+
+
+@cache
+def two_hour_flac() -> bytes:
+    """Two hours of 8 kHz silence as FLAC: ~180 kB, decoded it would be 230 MB of float32 (read in blocks)."""
+    buffer = io.BytesIO()
+    block = np.zeros(8_000 * 60, dtype=np.int16)
+    with sf.SoundFile(buffer, "w", samplerate=8_000, channels=1, format="FLAC", subtype="PCM_16") as out:
+        for _ in range(120):
+            out.write(block)
+    return buffer.getvalue()
+
+
+AUDIO_BYTES = {
+    "zero-length": lambda: b"",
+    "corrupt": lambda: b"RIFF\x24\x00\x00\x00WAVEfmt this is not audio at all",
+    "nan": lambda: wav_bytes(np.full(8_000, np.nan, dtype=np.float32), subtype="FLOAT"),
+    "two-hours": two_hour_flac,
+    "stereo": lambda: wav_bytes(tone(0.5, channels=2)),
+    "8-bit": lambda: wav_bytes(tone(0.5), subtype="PCM_U8"),
+    "48-khz": lambda: wav_bytes(tone(0.5, sr=48_000), sr=48_000),
+}
+"""Encoded audio per problem (WAV unless said); 'missing' clips are simply absent."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The doc
+# ---------------------------------------------------------------------------------------------------------------
+
+_GROUP_TITLES = {
+    "text source": "Question sources (`cmkd prepare`, JSONL)",
+    "audio source": "Embedded audio (`cmkd prepare`, VoiceBench parquet)",
+    "eval audio": "Audio files of an eval manifest (`cmkd eval`)",
+    "manifest": "Paired manifests and their paths (`cmkd train` / `cmkd eval`)",
+    "models": "Models and checkpoints",
+    "settings": "Settings and config files",
+}
+
+
+def _cell(text: str, limit: int = 260) -> str:
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def normalise_message(message: str) -> str:
+    """Messages as a reader would see them: a test's temporary directory becomes `<tmp>`."""
+    return re.sub(r"[^\s'(]*/pytest-of-[^/]+/pytest-\d+/[^/\s']+", "<tmp>", message)
+
+
+def render(cases: list[Case]) -> str:
+    lines = [
+        "# What cmkd does with bad input",
+        "",
+        "Generated by `make reliability` from the case list in `tests/reliability/bad_inputs.py` and the",
+        "messages the tests observed; `tests/reliability/test_bad_input.py` runs every case (and fails when a",
+        "case has no row here). `exit 2`: the command stops with one `cmkd: error:` line naming the item and",
+        "field; `reject`: a batch stage records the item in `rejects.jsonl` (id, field, reason, detail) and goes",
+        "on; `skip`: `cmkd eval` records it in `items/skipped.jsonl` and goes on; `accepted`: valid input,",
+        "converted. Never a silent drop, never a traceback.",
+        "",
+        f"{len(cases)} cases.",
+    ]
+    for group, title in _GROUP_TITLES.items():
+        rows = [case for case in cases if case.group == group]
+        if not rows:
+            continue
+        lines += ["", f"## {title}", "", "| case | input | what cmkd does | message |", "|---|---|---|---|"]
+        for case in rows:
+            seen = OBSERVED[case.name]
+            lines.append(f"| {case.name} | {_cell(case.input)} | {seen.outcome} | {_cell(seen.message)} |")
+    return "\n".join(lines) + "\n"
+
+
+def doc_case_names() -> list[str]:
+    """The case column of every table row in the committed doc."""
+    if not DOC_PATH.is_file():
+        return []
+    names = []
+    for line in DOC_PATH.read_text(encoding="utf-8").splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.startswith("| ") and len(cells) >= 4 and cells[0] not in ("case", "---"):
+            names.append(cells[0])
+    return names
+
+
+def write_doc_if_asked(cases: list[Case], all_passed: bool) -> bool:
+    """Rewrite docs/bad-input.md when CMKD_WRITE_BAD_INPUT_DOC=1 and every case ran, and passed, in this session."""
+    if os.environ.get(WRITE_DOC_ENV) != "1" or not all_passed or any(c.name not in OBSERVED for c in cases):
+        return False
+    DOC_PATH.parent.mkdir(parents=True, exist_ok=True)
+    DOC_PATH.write_text(render(cases), encoding="utf-8")
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The cases
+# ---------------------------------------------------------------------------------------------------------------
+
+SOURCE_FILE = "questions.jsonl"
+GOOD_SOURCE_LINES = 3  # test_prepare's first questions come first; the bad lines follow, one per case
+
+_TEXT = [  # (name, input, the line, item (None: file:line), field, reason)
+    ("json-malformed", "a line that is not JSON", b'{"id": "broken", "question": \n', None, "line", "malformed JSON"),
+    ("json-not-object", "a JSON list instead of an object", b'["What is this?"]\n', None, "line", "not a JSON object"),
+    ("not-utf8", "Latin-1 bytes (not UTF-8)", b'{"id": "latin1", "question": "caf\xe9?", "answer": "x"}\n', None,
+     "line", "not UTF-8"),
+    ("question-missing", "no `question` field", b'{"id": "no-question", "answer": "x"}\n', "no-question",
+     "question", "missing field"),
+    ("question-null", "`question: null`", b'{"id": "null-question", "question": null, "answer": "x"}\n',
+     "null-question", "question", "missing field"),
+    ("question-number", "`question: 42`", b'{"id": "number-question", "question": 42, "answer": "x"}\n',
+     "number-question", "question", "wrong type"),
+    ("answer-number", "`answer: 2` (a number)", b'{"id": "number-answer", "question": "One plus one?", "answer": 2}\n',
+     "number-answer", "answer", "wrong type"),
+    ("id-missing", "no `id` field", b'{"question": "What is up?", "answer": "x"}\n', None, "id", "missing field"),
+    ("id-object", "an object as the id", b'{"id": {"a": 1}, "question": "What?", "answer": "x"}\n', None, "id",
+     "bad id"),
+    ("id-duplicate", "an id used twice", b'{"id": "q01", "question": "What is duplicated?", "answer": "x"}\n', "q01",
+     "id", "duplicate id"),
+    ("text-empty", "empty question", b'{"id": "empty", "question": "", "answer": "x"}\n', "empty", "question",
+     "empty text"),
+    ("text-whitespace", "whitespace-only question", b'{"id": "blank", "question": "  \\t\\n  ", "answer": "x"}\n',
+     "blank", "question", "empty text"),
+    ("text-100k", "a 100,000-character question", b'{"id": "huge", "question": "' + b"why " * 25_000 + b'"}\n',
+     "huge", "question", "text too long"),
+    ("text-control", "a control character (BEL)", b'{"id": "bell", "question": "Ring\\u0007 me?"}\n', "bell",
+     "question", "control characters"),
+    ("text-surrogate", "a lone UTF-16 surrogate", b'{"id": "surrogate", "question": "What \\ud800 is it?"}\n',
+     "surrogate", "question", "invalid unicode"),
+    ("text-code", "only code (`def f(x): return x ** 2`)",
+     b'{"id": "code", "question": "def f(x):\\n    return x ** 2", "answer": "x"}\n', "code", "text.prompt", "code"),
+    ("text-url", "only a URL", b'{"id": "url", "question": "https://example.com/quiz?id=7", "answer": "x"}\n', "url",
+     "text.prompt", "url"),
+    ("text-emoji", "only emoji", '{"id": "emoji", "question": "😀🎉🔥", "answer": "x"}\n'.encode(), "emoji", "text.prompt",
+     "mostly non-letters"),
+    ("text-email", "only an e-mail address", b'{"id": "email", "question": "me@example.com", "answer": "x"}\n', "email",
+     "text.prompt", "email address"),
+    ("text-table", "a markdown table", b'{"id": "table", "question": "| a | b |\\n|---|---|\\n| 1 | 2 |", "answer": "x"}\n',
+     "table", "text.prompt", "markdown table"),
+    ("text-non-latin", "Cyrillic (the voices are English)",
+     '{"id": "cyrillic", "question": "Сколько будет два плюс два?", "answer": "x"}\n'.encode(), "cyrillic", "text.prompt",
+     "non-latin script"),
+    ("json-truncated", "a last line cut mid-object (a killed writer)", b'{"id": "cut", "question": "What is', None,
+     "line", "truncated last line"),
+]  # fmt: skip
+
+_AUDIO = [  # (name, input, audio kind, field-level reason or None when accepted)
+    ("audio-missing", "no audio in the row", "missing", "missing audio"),
+    ("audio-zero-length", "zero-length audio bytes", "zero-length", "missing audio"),
+    ("audio-corrupt", "bytes that are not audio", "corrupt", "corrupt audio"),
+    ("audio-nan", "a float WAV full of NaN", "nan", "corrupt audio"),
+    (
+        "audio-two-hours",
+        "a 2-hour clip (refused from its header, not decoded)",
+        "two-hours",
+        "audio too long",
+    ),
+    ("audio-stereo", "stereo", "stereo", None),
+    ("audio-8-bit", "8-bit PCM", "8-bit", None),
+    ("audio-48-khz", "48 kHz", "48-khz", None),
+]
+
+_EVAL_AUDIO = [  # (name, input, audio kind, reason or None when accepted)
+    ("clip-missing", "the clip's file does not exist", "missing", "audio missing"),
+    ("clip-zero-length", "a 0-byte clip file", "zero-length", "audio unreadable"),
+    ("clip-corrupt", "a clip file that is not audio", "corrupt", "audio unreadable"),
+    ("clip-nan", "a clip full of NaN samples", "nan", "audio unreadable"),
+    ("clip-two-hours", "a 2-hour clip", "two-hours", "audio unreadable"),
+    (
+        "clip-symlink-out",
+        "a clip that is a symlink to a file outside the data root",
+        "symlink",
+        "audio missing",
+    ),
+    ("clip-stereo", "a stereo clip", "stereo", None),
+    ("clip-8-bit", "an 8-bit clip", "8-bit", None),
+    ("clip-48-khz", "a 48 kHz clip", "48-khz", None),
+]
+
+_CLI = [  # (name, group, input, names, (setup recipe, command arguments))
+    # manifests and their paths
+    ("manifest-malformed", "manifest", "train.jsonl line 2 is not JSON", ("train.jsonl:2", "line"),
+     ("manifest-broken-line", ["train"])),
+    ("manifest-missing-prompt", "manifest", "a record without text.prompt", ("q0", "text.prompt"),
+     ("manifest-no-prompt", ["train"])),
+    ("manifest-wrong-type", "manifest", "`speech[0].sr` is the string \"16000\"", ("q0", "speech.sr"),
+     ("manifest-sr-string", ["train"])),
+    ("manifest-unknown-key", "manifest", "a misspelt key (`promt`)", ("q0", "promt"),
+     ("manifest-typo", ["train"])),
+    ("manifest-duplicate-id", "manifest", "two records with id q0", ("q0", "id"), ("manifest-duplicate", ["train"])),
+    ("audio-path-dotdot", "manifest", "audio path `../../etc/passwd`", ("q0", "speech.audio", ".."),
+     ("audio-dotdot", ["train"])),
+    ("audio-path-absolute", "manifest", "audio path `/etc/passwd`", ("q0", "speech.audio", "absolute"),
+     ("audio-absolute", ["train"])),
+    ("audio-path-symlink-out", "manifest", "a clip that is a symlink to a file outside the data root",
+     ("q0", "speech.audio", "outside"), ("audio-symlink", ["train"])),
+    ("manifest-path-dotdot", "manifest", "`data.train_manifest=../../etc/passwd`", ("data.train_manifest", ".."),
+     ("none", ["train", "data.train_manifest=../../etc/passwd"])),
+    ("manifest-path-absolute", "manifest", "`data.train_manifest=/etc/passwd`", ("data.train_manifest", "absolute"),
+     ("none", ["train", "data.train_manifest=/etc/passwd"])),
+    ("manifest-symlink-out", "manifest", "`data.train_manifest` is a symlink to a manifest outside the data root",
+     ("data.train_manifest", "outside"), ("manifest-symlink", ["train", "data.train_manifest=elsewhere.jsonl"])),
+    ("train-audio-missing", "manifest", "a training clip's file was deleted", ("q0", "speech.audio", "not found"),
+     ("clip-deleted", ["train"])),
+    ("train-audio-empty", "manifest", "a 0-byte training clip", ("q0", "speech.audio", "empty"),
+     ("clip-empty", ["train"])),
+    ("train-audio-corrupt", "manifest", "a training clip that is not audio", ("q0", "speech.audio", "decode"),
+     ("clip-corrupt", ["train"])),
+    ("train-audio-nan", "manifest", "a training clip full of NaN", ("q0", "speech.audio", "NaN"),
+     ("clip-nan", ["train"])),
+    ("train-audio-two-hours", "manifest", "a 2-hour training clip", ("q0", "speech.audio", "7200.0 s"),
+     ("clip-two-hours", ["train"])),
+    ("eval-items-damaged", "manifest", "an eval items file with a damaged line in the middle (not a torn tail)",
+     ("student.text.jsonl:2", "damaged line"), ("items-damaged", ["eval"])),
+    # models and checkpoints
+    ("tokenizer-mismatch", "models", "teacher and student tokenizers differ, with KD on",
+     ("teacher.model", "student.lm", "tokenizers differ"), ("lm-other-tokenizer", ["train", "teacher.model=lm_other"])),
+    ("no-chat-template", "models", "a student LM whose tokenizer has no chat template", ("lm_nochat", "chat template"),
+     ("lm-no-chat-template", ["train", "student.lm=lm_nochat", "teacher.model=lm_nochat"])),
+    ("unknown-model-type", "models", "config.json with `model_type: no_such_model`", ("lm_badtype", "no_such_model"),
+     ("lm-bad-type", ["train", "student.lm=lm_badtype"])),
+    ("pickle-weights", "models", "a checkpoint with only pytorch_model.bin (pickle)", ("lm_pickle", "safetensors"),
+     ("lm-pickle-only", ["train", "student.lm=lm_pickle"])),
+    ("model-missing", "models", "`student.lm` names no file or directory", ("no/such/model",),
+     ("none", ["train", "student.lm=no/such/model"])),
+    ("encoder-not-whisper", "models", "`student.encoder` is a Llama checkpoint", ("student.encoder", "llama"),
+     ("none", ["train", "student.encoder=lm"])),
+    ("student-kind-unknown", "models", "`student.kind=whisper_llama`", ("student.kind", "whisper_llama"),
+     ("none", ["train", "student.kind=whisper_llama"])),
+    ("init-from-other-config", "models", "`student.init_from` a checkpoint saved by a student of another config",
+     ("student_stack2", "student.lm_mode"), ("student-other-config", ["train", "student.init_from=student_stack2"])),
+    # settings
+    ("tau-zero", "settings", "τ = 0 (`loss.temperature=0`)", ("loss.temperature", "> 0"),
+     ("none", ["train", "loss.temperature=0"])),
+    ("tau-negative", "settings", "τ < 0 (`loss.temperature=-1`)", ("loss.temperature", "> 0"),
+     ("none", ["train", "loss.temperature=-1"])),
+    ("lambda-negative", "settings", "λ < 0 (`loss.kd_weight=-0.5`)", ("loss.kd_weight", ">= 0"),
+     ("none", ["train", "loss.kd_weight=-0.5"])),
+    ("k-over-vocab", "settings", "k > vocabulary (`teacher.logits_top_k=100000`)",
+     ("teacher.logits_top_k", "100000"), ("prepare", ["prepare", "prepare.yaml", "teacher.logits_top_k=100000"])),
+    ("tau-cache-mismatch", "settings", "KD from the cache at a τ the cache was not made with",
+     ("loss.temperature", "teacher.logits_temperature"), ("none", ["train", "train.teacher_source=cache",
+                                                                   "loss.temperature=1"])),
+    ("lr-zero", "settings", "`train.lr=0`", ("train.lr",), ("none", ["train", "train.lr=0"])),
+    ("batch-size-zero", "settings", "`train.batch_size=0`", ("train.batch_size",), ("none", ["train", "train.batch_size=0"])),
+    ("steps-not-a-number", "settings", "`train.steps=ten`", ("train.steps", "integer"), ("none", ["train", "train.steps=ten"])),
+    ("unknown-key", "settings", "a misspelt key (`train.lrr=1`)", ("train.lrr", "train.lr"), ("none", ["train", "train.lrr=1"])),
+    ("unknown-enum", "settings", "`loss.divergence=kl2`", ("loss.divergence", "kl2"), ("none", ["train", "loss.divergence=kl2"])),
+    ("shard-malformed", "settings", "`--shard 3/2`", ("shard", "3/2"), ("prepare", ["prepare", "prepare.yaml", "--shard", "3/2"])),
+    ("source-kind-unknown", "settings", "`source.kind=csv`", ("source.kind", "csv"),
+     ("prepare", ["prepare", "prepare.yaml", "source.kind=csv"])),
+    ("source-path-missing", "settings", "`source.path` does not exist", ("source.path", "missing.jsonl"),
+     ("prepare", ["prepare", "prepare.yaml", "source.path=missing.jsonl"])),
+    ("config-invalid-yaml", "settings", "a config file that is not YAML", ("broken.yaml", "not valid YAML"),
+     ("broken-yaml", ["train", "broken.yaml"])),
+    ("config-missing", "settings", "a config file that does not exist", ("nope.yaml", "not found"),
+     ("none", ["train", "nope.yaml"])),
+    ("eval-suite-unknown", "settings", "`eval.suite=mmlu`", ("eval.suite", "mmlu"), ("none", ["eval", "eval.suite=mmlu"])),
+]  # fmt: skip
+
+SUBPROCESS_CASES = frozenset({"tau-zero", "manifest-path-dotdot"})
+"""Also run as `python -m cmkd.cli` in a fresh interpreter: its whole stderr must be the one error line."""
+
+
+def _text_cases() -> list[Case]:
+    cases = []
+    for number, (name, what, line, item, field, reason) in enumerate(_TEXT, start=GOOD_SOURCE_LINES + 1):
+        where = item or f"{SOURCE_FILE}:{number}"
+        cases.append(Case(name, "text source", what, "reject", (where, field, reason), line))
+    return cases
+
+
+def _audio_cases() -> list[Case]:
+    return [
+        Case(
+            name,
+            "audio source",
+            what,
+            "reject" if reason else "accepted",
+            (f"voicebench/openbookqa/test/{index:06d}", *(("audio", reason) if reason else ())),
+            kind,
+        )
+        for index, (name, what, kind, reason) in enumerate(_AUDIO)
+    ]
+
+
+def _eval_audio_cases() -> list[Case]:
+    return [
+        Case(
+            name,
+            "eval audio",
+            what,
+            "skip" if reason else "accepted",
+            (name, *((reason,) if reason else ())),
+            kind,
+        )
+        for name, what, kind, reason in _EVAL_AUDIO
+    ]
+
+
+def _cli_cases() -> list[Case]:
+    return [Case(name, group, what, "exit 2", names, payload) for name, group, what, names, payload in _CLI]
+
+
+CASES: list[Case] = _text_cases() + _audio_cases() + _eval_audio_cases() + _cli_cases()
