@@ -51,6 +51,10 @@ def resolve_stage_config(stage: str, args: Sequence[str], *, overwrite: bool = F
     return load_config(STAGES[stage], path, overrides)
 
 
+_RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "items", "scores.json", "work")
+"""What train, eval and prepare leave in a run directory (the source files a user keeps there are not outputs)."""
+
+
 def prepare_run_dir(cfg: Any) -> Path:
     """Create the run directory and write the resolved config into it.
 
@@ -72,6 +76,14 @@ def prepare_run_dir(cfg: Any) -> Path:
         if previous != current:
             raise UserError(
                 f"run.out_dir '{run_dir}': holds a run with a different config; pick another out_dir or pass --overwrite"
+            )
+    elif not config_path.exists() and not cfg.run.overwrite:
+        # Without its config.yaml nothing shows what made these outputs; writing ours would claim them.
+        found = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
+        if found:
+            raise UserError(
+                f"run.out_dir '{run_dir}': holds run outputs ({', '.join(found)}) but no config.yaml; pick another "
+                "out_dir or pass --overwrite"
             )
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, config_path)

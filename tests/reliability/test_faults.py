@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from cmkd.cli import main
+from cmkd.errors import UserError
 
 from .harness import CliResult, KillPoint, fill_disk_at, jsonl_lines, jsonl_payload, record, run_forked
 from .worlds import (
@@ -447,8 +448,9 @@ def test_checkpoints_of_another_config_are_refused_and_left_alone(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Even with the run's config.yaml gone (so the run-dir check cannot tell), the checkpoint's own config
-    fingerprint refuses a resume under other settings, and no checkpoint is touched."""
+    """With the run's config.yaml gone, the run-dir check still sees run outputs and refuses without writing a
+    config.yaml of its own (which would claim the old checkpoints); the library path is guarded by the checkpoint's
+    own config fingerprint. No checkpoint is touched either way."""
     make_world(tiny_run, make_audio, monkeypatch)
     assert _cli(lambda: main(train_args("run", "train.steps=2", "train.save_every=1")), capsys).code == 0
     Path("run/config.yaml").unlink()
@@ -457,7 +459,18 @@ def test_checkpoints_of_another_config_are_refused_and_left_alone(
         lambda: main(train_args("run", "train.steps=4", "train.save_every=1", "train.lr=0.5")), capsys
     )
     record(faults=1)
-    assert other.code == 2 and "different training config" in other.error and "--overwrite" in other.error
+    assert other.code == 2 and "no config.yaml" in other.error and "--overwrite" in other.error
+    assert not Path("run/config.yaml").exists()
+    assert _snapshot(Path("run/checkpoints")) == before
+    from cmkd.config import load_config
+    from cmkd.stage_configs import TrainConfig
+    from cmkd.train.loop import run_training
+
+    cfg = load_config(
+        TrainConfig, None, train_args("run", "train.steps=4", "train.save_every=1", "train.lr=0.5")[1:]
+    )
+    with pytest.raises(UserError, match="different training config"):
+        run_training(cfg, Path("run"), progress=False)
     assert _snapshot(Path("run/checkpoints")) == before
 
 
