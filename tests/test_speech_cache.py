@@ -209,3 +209,24 @@ def test_dry_run_counts_the_posterior_connector_like_a_built_one(
     )  # encoder + decoder, tied head once
     assert report.part(AUDIO_ENCODER).params == whisper_params
     assert report.part(LM).trainable > 0
+
+
+def test_the_cascade_reads_the_asr_checks_decodes_from_the_cache(
+    prepared: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cmkd.eval.runner import _seed_from_cache
+    from cmkd.eval.suites import _items_from_manifest
+
+    root: Path = prepared["root"]
+    items = _items_from_manifest(root / "heldout.jsonl", root)
+    recogniser = prepared["backends"].make_posterior(prepared["features"])
+    _seed_from_cache(recogniser, items, root, max_seconds=60.0)
+    decoded: list[int] = []
+    monkeypatch.setattr(
+        posterior_asr, "posterior_features", lambda audios, *a, **k: decoded.append(len(audios))
+    )
+    clips = [(item, voice, clip) for item in items for voice, clip in item.clips().items()]
+    assert clips
+    transcripts = recogniser.transcribe([load_audio(item.clip_path(voice)) for item, voice, _ in clips])
+    assert decoded == []  # nothing decoded again
+    assert transcripts == [clip.transcript for _, _, clip in clips]

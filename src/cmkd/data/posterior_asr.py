@@ -104,6 +104,10 @@ class PosteriorWhisperASR:
                 self._decoded[keys[index]] = features
         return [self._decoded[key] for key in keys]
 
+    def remember(self, audio_16k: np.ndarray, features: PosteriorFeatures) -> None:
+        """Take a clip's posteriors from elsewhere (the prepare-stage cache made by this same decoder)."""
+        self._decoded[hashlib.sha1(np.ascontiguousarray(audio_16k).tobytes()).hexdigest()] = features
+
     def transcribe(self, audio_16k: list[np.ndarray]) -> list[str]:
         """Greedy transcripts: the top-1 token of every kept step IS the transcript (see `posterior_features`)."""
         return [

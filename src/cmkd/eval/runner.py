@@ -10,7 +10,7 @@ numbers (`cmkd.eval.summary` does the statistics).
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,6 +46,7 @@ from cmkd.stage_configs import EvalConfig
 
 if TYPE_CHECKING:
     from cmkd.data.asr_check import ASRBackend
+    from cmkd.data.posterior_asr import PosteriorWhisperASR
     from cmkd.models.speech_lm import SpeechLM
     from cmkd.models.teacher import TextTeacher
 
@@ -118,12 +119,16 @@ class _Models:
 
         return same_tokenizer(self.teacher.tokenizer, self.model(name).tokenizer)
 
-    @property
-    def asr(self) -> ASRBackend:
+    def asr(self, items: Sequence[EvalItem], audio_root: Path | None) -> ASRBackend:
+        """The cascade's recogniser: Whisper tiny.en in short windows (`PosteriorWhisperASR`), seeded with the
+        prepare-stage posteriors of these clips when that cache was made by the same decoder (then the cascade
+        reads exactly the transcripts the ASR check heard, without decoding again)."""
         if self._asr is None:
             from cmkd.data.posterior_asr import PosteriorWhisperASR
 
-            self._asr = PosteriorWhisperASR(batch_size=self.cfg.eval.batch_size)
+            recogniser = PosteriorWhisperASR.load(batch_size=self.cfg.eval.batch_size)
+            _seed_from_cache(recogniser, items, audio_root, self.cfg.data.max_audio_seconds)
+            self._asr = recogniser
         return self._asr
 
     def speech_inputs(self, name: str, audio_root: Path | None) -> SpeechInputs:
@@ -134,6 +139,33 @@ class _Models:
             model = self.model(name)
             self._speech[name] = SpeechInputs.open(audio_root, model, load_audio, f"eval {name}")
         return self._speech[name]
+
+
+def _seed_from_cache(
+    recogniser: PosteriorWhisperASR, items: Sequence[EvalItem], audio_root: Path | None, max_seconds: float
+) -> None:
+    from cmkd.data.audio import load_audio
+    from cmkd.data.features import FeatureCache, posterior_meta, read_feature_meta
+    from cmkd.models.posterior import PosteriorFeatures
+
+    meta = read_feature_meta(audio_root) if audio_root is not None else None
+    if meta is None or audio_root is None:
+        return
+    own = posterior_meta(recogniser.encoder, recogniser.decoder, recogniser.source)
+    if any(getattr(meta, name) != getattr(own, name) for name in ("kind", "decode", "weights_hash", "dim")):
+        logger.info("cascade: the feature cache was not made by the cascade's decoder; decoding the clips")
+        return
+    cache, seeded, top_k = FeatureCache(audio_root), 0, recogniser.decoder.top_k
+    for item in items:
+        for voice, clip in item.clips().items():
+            if clip.audio in cache:
+                try:
+                    audio = load_audio(item.clip_path(voice), max_seconds=max_seconds)
+                except UserError:
+                    continue  # the mode itself records the unreadable clip
+                recogniser.remember(audio, PosteriorFeatures.from_packed(cache.get(clip.audio), top_k))
+                seeded += 1
+    logger.info("cascade: %d clips' transcripts from the prepare-stage posterior cache", seeded)
 
 
 def _check_extra_names(extra: Mapping[str, SpeechLM]) -> None:
@@ -319,7 +351,7 @@ def run_eval(
                     response_ids=answers.response_ids,
                     teacher_answer=answers.answer,
                     judge=judge,
-                    asr=models.asr if mode.input is InputKind.ASR else None,
+                    asr=models.asr(suite.items, audio_root) if mode.input is InputKind.ASR else None,
                     word_error_rate=_word_error_rate() if mode.input is InputKind.ASR else None,
                     shared_vocab=models.shared_vocab(mode.model) if teacher_forced else False,
                     teacher_forced=teacher_forced,
