@@ -230,3 +230,22 @@ def test_non_finite_loss_stops_naming_step_and_items(tiny_run: dict[str, Path]) 
     with pytest.raises(UserError, match=r"non-finite loss at step 1, channel s2t, items \[q\d, q\d\]"):
         run_training(cfg, cfg.run.out_dir, student=student, progress=False)
     assert not (cfg.run.out_dir / "checkpoints" / "step-000001").exists()  # nothing bad was saved
+
+
+def test_activation_checkpointing_trains_the_same_steps(tiny_run: dict[str, Path]) -> None:
+    """Recomputing activations changes memory, not maths: the same losses and weights as without it."""
+    results = {}
+    for flag in ("false", "true"):
+        cfg = load_config(
+            TrainConfig,
+            None,
+            overrides(tiny_run, tiny_run["root"] / f"ckpt-{flag}", "train.steps=3", "student.lm_mode=lora",
+                      f"train.activation_checkpointing={flag}"),
+        )  # fmt: skip
+        run_training(cfg, cfg.run.out_dir, progress=False)
+        rows = [json.loads(line) for line in (cfg.run.out_dir / "metrics.jsonl").read_text().splitlines()]
+        weights = load_file(str(cfg.run.out_dir / "student" / "trainable.safetensors"))
+        results[flag] = ([row["loss"] for row in rows if "loss" in row], weights)
+    np.testing.assert_allclose(results["true"][0], results["false"][0], rtol=1e-5)
+    for name, tensor in results["false"][1].items():
+        torch.testing.assert_close(results["true"][1][name], tensor, rtol=1e-5, atol=1e-6)

@@ -246,6 +246,11 @@ class TrainSettings:
     mixed_precision: MixedPrecision = param(
         MixedPrecision.NO, "Autocast precision where the device supports it."
     )
+    activation_checkpointing: bool = param(
+        False,
+        "Recompute the LM's layer activations in the backward pass instead of keeping them: measured 0.52x vs "
+        "0.72x the naive loop's peak memory at 1.3-1.4x the step time (benchmarks/results/end_to_end.md).",
+    )
     save_every: int = param(50, "Checkpoint every this many optimizer steps (and at the end).", ge=1)
     log_every: int = param(5, "Write metrics every this many optimizer steps.", ge=1)
     max_minutes: float = param(

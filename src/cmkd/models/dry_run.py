@@ -11,6 +11,7 @@ lives in `cmkd.models.memory_estimate`; its names are re-exported here.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,8 @@ from cmkd.stage_configs import (
     TeacherSource,
     TrainConfig,
 )
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "GIB",
@@ -175,6 +178,14 @@ def resolve_config(name: str, what: str) -> PretrainedConfig:
     if known is not None:
         return known()
     path = Path(name).expanduser()
+    if not path.exists():
+        # A planned local copy not downloaded yet (checkpoints/Qwen2.5-Omni-7B): the published config of that name.
+        same_name = [key for key in KNOWN_CONFIGS if key.rsplit("/", 1)[-1] == path.name.lower()]
+        if same_name:
+            logger.info(
+                "%s: %s does not exist yet; planning with the published %s config", what, path, same_name[0]
+            )
+            return KNOWN_CONFIGS[same_name[0]]()
     if path.is_dir() and (path / "config.json").is_file():
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     elif path.is_file() and path.suffix.lower() == ".gguf":

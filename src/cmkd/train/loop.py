@@ -76,6 +76,20 @@ def channels(cfg: TrainConfig) -> list[tuple[str, float]]:
     return active
 
 
+def enable_activation_checkpointing(student: Any) -> None:
+    """Checkpoint the student's transformers LM layer by layer (non-reentrant: frozen inputs need no grad)."""
+    lm = getattr(student, "lm", None) or getattr(student, "model", None)
+    if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(lm, "gradient_checkpointing_enable"):
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise UserError(
+            f"train.activation_checkpointing: {type(student).__name__} has no transformers LM to checkpoint"
+        )
+    logger.info("activation checkpointing on for %s", type(lm).__name__)
+
+
 def run_training(
     cfg: TrainConfig,
     run_dir: Path,
@@ -131,6 +145,10 @@ def run_training(
     # with the number of processes; ours counts optimizer steps of the global batch.
     model, optimizer = accelerator.prepare(student, optimizer)
     student = accelerator.unwrap_model(model)
+    # transformers loads models in eval mode; the students' train() keeps their frozen parts in eval.
+    student.train()
+    if cfg.train.activation_checkpointing:
+        enable_activation_checkpointing(student)
 
     checkpoints = run_dir / "checkpoints"
     fingerprint = config_fingerprint(cfg)
