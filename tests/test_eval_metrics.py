@@ -234,3 +234,22 @@ def test_subset_and_overall_refuses_empty_and_mismatched_modes() -> None:
         subset_and_overall(
             {"mmsu": {"student_text": STUDENT_TEXT}}, gap_modes=("teacher_text", "student_text", "x")
         )
+
+
+def test_kl_contrasts_pair_items_and_voices_and_scale_the_ci() -> None:
+    from cmkd.eval.kl_contrasts import kl_contrasts
+
+    ids = [f"q{i}" for i in range(20)]
+    rows = {
+        "stage_a.text": {(i, ""): {"kl": 2.0 + 0.01 * n} for n, i in enumerate(ids)},
+        "student.text": {(i, ""): {"kl": 0.5 + 0.01 * n} for n, i in enumerate(ids)},
+        "student.speech": {(i, v): {"kl": 0.7} for i in ids for v in ("a", "b")},
+        "student.mismatched": {(i, "a"): {"kl": 1.7} for i in ids[:10]},
+    }
+    results = {c["contrast"]: c for c in kl_contrasts(rows, ["stage_a"], n_resamples=200, seed=0)}
+    text = results["stage_a.text -> student.text"]
+    assert text["n"] == 20 and text["difference"] == pytest.approx(-1.5)
+    assert text["ci"]["low"] == pytest.approx(-1.5) and text["ci"]["high"] == pytest.approx(-1.5)  # no spread
+    control = results["student.mismatched[a] -> student.speech[a]"]
+    assert control["n"] == 10 and control["difference"] == pytest.approx(-1.0)
+    assert "student.mismatched[b] -> student.speech[b]" not in results  # no mismatched rows in voice b

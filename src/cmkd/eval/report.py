@@ -198,6 +198,20 @@ def _flips_section(run: RunScores) -> list[str]:
     return [f"### {run.label}", "", *_table(header, rows), ""]
 
 
+def _kl_section(run: RunScores) -> list[str]:
+    """`b − a` of KL per token (negative: b is closer to the teacher), paired over the items both answered."""
+    rows = []
+    for c in run.scores.get("kl_contrasts", []):
+        change = f"{c['difference']:+.3f} [{c['ci']['low']:+.3f}, {c['ci']['high']:+.3f}]"
+        if c["ci"]["low"] <= 0.0 <= c["ci"]["high"]:
+            change += " (not distinguishable from zero)"
+        rows.append([c["contrast"], str(c["n"]), _fmt(c["kl_before"], 3), _fmt(c["kl_after"], 3), change])
+    if not rows:
+        return []
+    header = ["a -> b", "n", "KL a", "KL b", "b − a [95% CI]"]
+    return [f"### {run.label}", "", *_table(header, rows), ""]
+
+
 def _closure_rows(closure: Mapping[str, Any]) -> list[list[str]]:
     rows = []
     for gap, c in closure.items():
@@ -348,6 +362,9 @@ def build_report(
     md += ["## Item-level flips (McNemar)", ""]
     for run in runs:
         md += _flips_section(run)
+    kl_lines = [line for run in runs for line in _kl_section(run)]
+    if kl_lines:
+        md += ["## Teacher-forced KL to the teacher: paired contrasts", "", *kl_lines]
     closure_lines = _closure_section(runs, across)
     if closure_lines:
         md += ["## Before / after: gap closure", "", *closure_lines]

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cmkd.data.jsonl_io import Reject
+from cmkd.eval.kl_contrasts import kl_contrasts
 from cmkd.eval.metrics import (
     GapScores,
     ModeScores,
@@ -287,5 +288,6 @@ def summarise(
         else {},
         "comparisons": [c for metric in ("score", "strict") for c in _comparisons(present, extras, metric)],
         "closure": _closure(suite, present, extras, n_resamples, seed),
+        "kl_contrasts": kl_contrasts(present, extras, n_resamples=n_resamples, seed=seed),
         "settings": dict(settings),
     }
