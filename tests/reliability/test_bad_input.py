@@ -27,6 +27,8 @@ from safetensors.torch import load_file
 
 import test_eval_runner as eval_tests
 import test_prepare as prepare_tests
+from cmkd.cli import resolve_stage_config
+from cmkd.config import save_config
 from cmkd.data.prepare import run_prepare
 from cmkd.data.records import PairedRecord, SpeechClip, read_manifest, write_manifest
 from cmkd.eval.runner import run_eval
@@ -298,6 +300,8 @@ RECIPES: dict[str, Callable[[Any], None]] = {
     "clip-two-hours": lambda _: Path("data/audio/q0.flac").write_bytes(AUDIO_BYTES["two-hours"]()),
     "items-damaged": lambda _: (
         Path("evalrun/items").mkdir(parents=True),
+        # An earlier run of the same command left its config (the run-dir check) and a damaged items file.
+        save_config(resolve_stage_config("eval", eval_args("evalrun")[1:]), Path("evalrun/config.yaml")),
         Path("evalrun/items/student.text.jsonl").write_bytes(
             b'{"id": "q1", "voice": ""}\nnot json\n{"id": "q2", "voice": ""}\n'
         ),
