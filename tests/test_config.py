@@ -186,3 +186,23 @@ def test_cli_assets_status_lists_every_embedded_asset(capsys: pytest.CaptureFixt
     out = capsys.readouterr().out
     for name in ("smollm2", "whisper"):
         assert name in out
+
+
+def test_entry_points_give_back_the_callers_torch_threads() -> None:
+    import torch
+
+    from cmkd.torch_threads import restores_torch_threads
+
+    @restores_torch_threads
+    def stage() -> None:
+        torch.set_num_threads(1)
+        raise RuntimeError("a stage that fails")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError):
+            stage()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

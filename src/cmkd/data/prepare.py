@@ -61,6 +61,7 @@ from cmkd.data.sources import read_source, safe_file_stem
 from cmkd.data.speakable import speakable_records
 from cmkd.errors import UserError
 from cmkd.stage_configs import PrepareConfig, parse_shard
+from cmkd.torch_threads import restores_torch_threads
 
 __all__ = ["FeatureSettings", "PrepareBackends", "PrepareStats", "run_prepare"]
 
@@ -105,6 +106,7 @@ def _check_settings(cfg: PrepareConfig, heldout_fraction: float) -> None:
         raise UserError(f"heldout_fraction: must be in [0, 1), got {heldout_fraction}")
 
 
+@restores_torch_threads
 def run_prepare(
     cfg: PrepareConfig,
     run_dir: Path,

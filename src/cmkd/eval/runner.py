@@ -43,6 +43,7 @@ from cmkd.eval.modes import (
 from cmkd.eval.suites import EvalItem, Suite, drop_subsets, judge_subsets, load_suite, missing_clips
 from cmkd.eval.summary import summarise
 from cmkd.stage_configs import EvalConfig
+from cmkd.torch_threads import restores_torch_threads
 
 if TYPE_CHECKING:
     from cmkd.data.asr_check import ASRBackend
@@ -265,6 +266,7 @@ def _run_mode(
     return rejects
 
 
+@restores_torch_threads
 def run_eval(
     cfg: EvalConfig,
     run_dir: Path,

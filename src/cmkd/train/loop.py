@@ -32,6 +32,7 @@ from cmkd.data.speech_inputs import SpeechInputs
 from cmkd.errors import UserError
 from cmkd.losses import check_aligned, chunked_kd_loss, gather_response_rows, normalise
 from cmkd.stage_configs import LMMode, MixedPrecision, TrainConfig
+from cmkd.torch_threads import restores_torch_threads
 from cmkd.train.examples import TrainExample, build_examples, micro_batches
 from cmkd.train.metrics_log import MetricsLog, TrainProgress
 from cmkd.train.optim import build_optimizer, build_scheduler
@@ -90,6 +91,7 @@ def enable_activation_checkpointing(student: Any) -> None:
     logger.info("activation checkpointing on for %s", type(lm).__name__)
 
 
+@restores_torch_threads
 def run_training(
     cfg: TrainConfig,
     run_dir: Path,
