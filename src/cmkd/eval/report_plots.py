@@ -123,7 +123,7 @@ def plot_gaps(runs: Sequence[RunScores], path: Path, metric: str = "score") -> P
         ax.axhline(0.0, color="black", linewidth=0.8)
         _group_axis(ax, groups)
         ax.set_ylabel("points")
-        ax.set_title(f"{title}; bars: 95% CI")
+        ax.set_title(f"{title}, {metric}; bars: 95% CI")
         if blocks:
             ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
     figure.savefig(path, dpi=120)
