@@ -337,7 +337,9 @@ def build_report(
     images: list[Path] = []
     if plots:
         images += [plot_scores(runs, out_dir / "scores.png"), plot_gaps(runs, out_dir / "gaps.png")]
-        if all("agree" in run.scores.get("metrics", {}) for run in runs):  # forgetting of the teacher's answers
+        if all(
+            "agree" in run.scores.get("metrics", {}) for run in runs
+        ):  # forgetting of the teacher's answers
             images.append(plot_gaps(runs, out_dir / "gaps_agree.png", metric="agree"))
         for index, (label, path) in enumerate(logs.items()):
             rows = read_training_log(path)
