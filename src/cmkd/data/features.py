@@ -52,6 +52,16 @@ class FeatureMeta:
     kind: str = FeatureKind.FRAMES.value
     decode: str = ""
 
+    def first_difference(self, other: FeatureMeta, fields: tuple[str, ...]) -> str | None:
+        """The first of `fields` in which the two metas differ, or None."""
+        return next((name for name in fields if getattr(self, name) != getattr(other, name)), None)
+
+
+MADE_BY = ("kind", "decode", "weights_hash", "dim", "dtype")
+"""What makes two caches the same cache: a writer that differs in any of these rebuilds it."""
+READ_BY = ("kind", "decode", "weights_hash", "dim")
+"""What a reader must match (not dtype: frames of any stored precision are read as float32)."""
+
 
 def _weights_hash(*modules: torch.nn.Module) -> str:
     """A fingerprint of weights (names, shapes, dtypes and bytes): modules that give the same hash give the same
@@ -156,14 +166,13 @@ class FeatureCache:
                 "features enabled, or compute features online"
             )
         self.meta = meta
-        if expected is not None:
-            for name in ("kind", "decode", "weights_hash", "dim", "dtype"):
-                have, want = getattr(meta, name), getattr(expected, name)
-                if have != want:
-                    raise UserError(
-                        f"feature cache '{self.root / FEATURES_DIR}': {name} is {have!r} but this run needs "
-                        f"{want!r} (made by encoder {meta.encoder!r}); re-run `cmkd prepare` with this encoder"
-                    )
+        name = meta.first_difference(expected, MADE_BY) if expected is not None else None
+        if name is not None:
+            have, want = getattr(meta, name), getattr(expected, name)
+            raise UserError(
+                f"feature cache '{self.root / FEATURES_DIR}': {name} is {have!r} but this run needs "
+                f"{want!r} (made by encoder {meta.encoder!r}); re-run `cmkd prepare` with this encoder"
+            )
 
     def path(self, audio_rel_path: str) -> Path:
         return self.root / feature_relpath(audio_rel_path)

@@ -11,7 +11,6 @@ feature cache, so the ASR check and the cache share one decode per clip.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -23,6 +22,7 @@ from cmkd.models.encoder import WhisperSpeechEncoder
 from cmkd.models.posterior import (
     PosteriorFeatures,
     WhisperPosteriorDecoder,
+    audio_digest,
     load_whisper_with_tokenizer,
     posterior_features,
 )
@@ -91,11 +91,11 @@ class PosteriorWhisperASR:
     def name(self) -> str:
         """What enters the ASR fingerprint: another model or decode setting re-checks every clip."""
         decoder = self.decoder
-        return posterior_asr_name(self.source, decoder.top_k, decoder.max_tokens, decoder.window_s)
+        return _name(self.source, decoder.top_k, decoder.max_tokens, decoder.window_s)
 
     def features(self, audio_16k: Sequence[np.ndarray]) -> list[PosteriorFeatures]:
         """Each clip's posteriors, decoding only clips not seen before (in input order)."""
-        keys = [hashlib.sha1(np.ascontiguousarray(audio).tobytes()).hexdigest() for audio in audio_16k]
+        keys = [audio_digest(audio) for audio in audio_16k]
         todo = sorted({key: index for index, key in enumerate(keys) if key not in self._decoded}.values())
         if todo:
             decoded = posterior_features(
@@ -107,7 +107,7 @@ class PosteriorWhisperASR:
 
     def remember(self, audio_16k: np.ndarray, features: PosteriorFeatures) -> None:
         """Take a clip's posteriors from elsewhere (the prepare-stage cache made by this same decoder)."""
-        self._decoded[hashlib.sha1(np.ascontiguousarray(audio_16k).tobytes()).hexdigest()] = features
+        self._decoded[audio_digest(audio_16k)] = features
 
     def transcribe(self, audio_16k: list[np.ndarray]) -> list[str]:
         """Greedy transcripts: the top-1 token of every kept step IS the transcript (see `posterior_features`)."""
@@ -121,5 +121,12 @@ class PosteriorWhisperASR:
         self._decoded.clear()
 
 
-def posterior_asr_name(source: str, top_k: int, max_tokens: int, window_s: float) -> str:
+def posterior_asr_name(settings: FeatureSettings) -> str:
+    """The `name` of `PosteriorWhisperASR.for_features(settings)`, without loading it."""
+    return _name(
+        settings.encoder, settings.posterior_top_k, settings.posterior_max_tokens, settings.posterior_window_s
+    )
+
+
+def _name(source: str, top_k: int, max_tokens: int, window_s: float) -> str:
     return f"posterior:{source}:{decode_tag(top_k, max_tokens, window_s)}"

@@ -29,6 +29,7 @@ from cmkd.data.asr_check import ASRBackend, ASRClip, CT2WhisperASR, round_trip_c
 from cmkd.data.audio import load_audio
 from cmkd.data.features import (
     FEATURES_DIR,
+    MADE_BY,
     FeatureMeta,
     FeatureSettings,
     encode_clip,
@@ -95,12 +96,7 @@ class PrepareBackends:
                     "PrepareBackends: a custom make_asr needs an asr_name (it enters fingerprints)"
                 )
             return self
-        name = posterior_asr_name(
-            features.encoder,
-            features.posterior_top_k,
-            features.posterior_max_tokens,
-            features.posterior_window_s,
-        )
+        name = posterior_asr_name(features)
         return replace(self, make_asr=lambda: self.make_posterior(features), asr_name=name)
 
 
@@ -356,12 +352,7 @@ def _feature_maker(
     settings = ctx.features
     if settings.kind is FeatureKind.POSTERIOR:
         recogniser = ctx.asr
-        wanted = posterior_asr_name(
-            settings.encoder,
-            settings.posterior_top_k,
-            settings.posterior_max_tokens,
-            settings.posterior_window_s,
-        )
+        wanted = posterior_asr_name(settings)
         if not (isinstance(recogniser, PosteriorWhisperASR) and recogniser.name == wanted):
             recogniser = ctx.backends.make_posterior(settings)
         meta = posterior_meta(recogniser.encoder, recogniser.decoder, settings.encoder)
@@ -379,8 +370,7 @@ def run_features(ctx: StageContext, plans: Sequence[ClipPlan]) -> None:
     ctx.console.print(f"features: {ctx.features.kind.value} for {len(todo)} clips ({ctx.features.encoder})")
     meta, compute = _feature_maker(ctx)
     existing = read_feature_meta(ctx.root)
-    made_by = ("kind", "decode", "weights_hash", "dim", "dtype")
-    if existing is not None and any(getattr(existing, name) != getattr(meta, name) for name in made_by):
+    if existing is not None and existing.first_difference(meta, MADE_BY) is not None:
         if not ctx.cfg.run.overwrite:
             raise UserError(
                 f"{ctx.root / FEATURES_DIR}: made by encoder {existing.encoder!r} ({existing.kind}, "

@@ -20,6 +20,7 @@ import numpy as np
 
 from cmkd.data.features import (
     FEATURES_DIR,
+    READ_BY,
     FeatureCache,
     FeatureMeta,
     encoder_weights_hash,
@@ -30,9 +31,6 @@ from cmkd.models.speech_lm import Prompt
 from cmkd.stage_configs import FeatureKind
 
 logger = logging.getLogger(__name__)
-
-_MATCHED_FIELDS = ("kind", "decode", "weights_hash", "dim")
-"""What must agree between a cache and a student (not dtype: frames of any stored precision are read as float32)."""
 
 
 def student_feature_meta(student: Any) -> tuple[FeatureMeta | None, str]:
@@ -97,17 +95,24 @@ class SpeechInputs:
 
 
 def _matching_cache(data_root: Path | None, student: Any) -> tuple[FeatureCache | None, str]:
+    expected, reason = student_feature_meta(student)
+    if expected is None:
+        return None, reason
+    return matching_cache(data_root, expected)
+
+
+def matching_cache(data_root: Path | None, expected: FeatureMeta) -> tuple[FeatureCache | None, str]:
+    """The cache under `data_root` if a reader expecting `expected` may use it, else None and why not."""
     if data_root is None:
         return None, "no data root"
     meta = read_feature_meta(data_root)
     if meta is None:
         return None, f"no feature cache in {Path(data_root) / FEATURES_DIR}"
-    expected, reason = student_feature_meta(student)
-    if expected is None:
-        return None, reason
-    for name in _MATCHED_FIELDS:
+    name = meta.first_difference(expected, READ_BY)
+    if name is not None:
         have, want = getattr(meta, name), getattr(expected, name)
-        if have != want:
-            kind = FeatureKind(meta.kind).value
-            return None, f"the {kind} cache's {name} is {have!r}, this student needs {want!r}"
+        return (
+            None,
+            f"the {FeatureKind(meta.kind).value} cache's {name} is {have!r}, this reader needs {want!r}",
+        )
     return FeatureCache(data_root), ""

@@ -146,17 +146,16 @@ def _seed_from_cache(
     recogniser: PosteriorWhisperASR, items: Sequence[EvalItem], audio_root: Path | None, max_seconds: float
 ) -> None:
     from cmkd.data.audio import load_audio
-    from cmkd.data.features import FeatureCache, posterior_meta, read_feature_meta
+    from cmkd.data.features import posterior_meta
+    from cmkd.data.speech_inputs import matching_cache
     from cmkd.models.posterior import PosteriorFeatures
 
-    meta = read_feature_meta(audio_root) if audio_root is not None else None
-    if meta is None or audio_root is None:
-        return
     own = posterior_meta(recogniser.encoder, recogniser.decoder, recogniser.source)
-    if any(getattr(meta, name) != getattr(own, name) for name in ("kind", "decode", "weights_hash", "dim")):
-        logger.info("cascade: the feature cache was not made by the cascade's decoder; decoding the clips")
+    cache, why_not = matching_cache(audio_root, own)
+    if cache is None:
+        logger.info("cascade: decoding the clips (%s)", why_not)
         return
-    cache, seeded, top_k = FeatureCache(audio_root), 0, recogniser.decoder.top_k
+    seeded, top_k = 0, recogniser.decoder.top_k
     for item in items:
         for voice, clip in item.clips().items():
             if clip.audio in cache:

@@ -16,7 +16,6 @@ trainable tensors; the frozen parts are named by source in a JSON beside them.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,7 +29,7 @@ from cmkd.config import to_dict
 from cmkd.errors import UserError
 from cmkd.models.checkpoint import load_trainable, save_trainable
 from cmkd.models.encoder import WhisperSpeechEncoder, pad_frames
-from cmkd.models.posterior import PosteriorFeatures, posterior_features
+from cmkd.models.posterior import PosteriorFeatures, audio_digest, posterior_features
 from cmkd.models.posterior_connector import PosteriorConnector
 from cmkd.models.projector import Projector
 from cmkd.models.speech_lm import ChatFormat, LMOutput, Prompt, check_batch, pad_sequences, prediction_layout
@@ -222,8 +221,7 @@ class ComposableSpeechLM(nn.Module):
         source = self.sources.get("encoder", "")
         if self.settings.encoder_trainable or not source or source.startswith("<"):
             return None
-        digest = hashlib.sha1(audio.tobytes()).hexdigest()
-        return (source, repr(self.settings.projector), digest)
+        return (source, repr(self.settings.projector), audio_digest(audio))
 
     def _assemble(
         self, prompts: Sequence[Prompt], responses: Sequence[Sequence[int]] | None, left_pad: bool

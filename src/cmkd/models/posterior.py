@@ -29,6 +29,7 @@ top-1 of every step IS the transcript token. Only steps whose greedy token is or
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -109,6 +110,11 @@ class PosteriorFeatures:
         if not torch.equal(ids, ids.round()) or bool((ids < 0).any()):
             raise UserError("prompt.features: packed posterior ids are not whole non-negative numbers")
         return cls(ids.long(), packed[:, top_k : 2 * top_k].float(), packed[:, 2 * top_k :].float())
+
+
+def audio_digest(audio_16k: np.ndarray) -> str:
+    """A clip's identity by content: Whisper is frozen, so equal samples give equal posteriors."""
+    return hashlib.sha1(np.ascontiguousarray(audio_16k).tobytes()).hexdigest()
 
 
 def window_samples(num_samples: int, min_window_s: float, max_window_s: float = 30.0) -> int:
